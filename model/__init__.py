@@ -1,0 +1,1 @@
+"""Avatar Forcing networks, sampling and the streaming engine."""

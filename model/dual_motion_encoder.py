@@ -1,0 +1,35 @@
+"""Dual motion encoder (`flow_transformer.c_embedder`, MODEL_SPEC §2.3).
+
+Fuses the user's motion with the user's audio, then the avatar's audio with that, into the per-frame
+condition the flow transformer cross-attends to. Both attentions are unmasked over the window.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import FlowTransformerConfig
+
+
+class DualMotionEncoder(nn.Module):
+    def __init__(self, cfg: FlowTransformerConfig):
+        super().__init__()
+        d = cfg.dim_a
+        self.motion_embedder = nn.Sequential(
+            nn.Linear(cfg.dim_w, d), nn.LayerNorm(d), nn.SiLU(),
+            nn.Linear(d, d), nn.LayerNorm(d), nn.SiLU(),
+        )
+        self.dual_modal_attn = nn.MultiheadAttention(d, cfg.condition_heads, batch_first=True)
+        self.ln1 = nn.LayerNorm(d)
+        self.user_agent_attn = nn.MultiheadAttention(d, cfg.condition_heads, batch_first=True)
+        self.ln2 = nn.LayerNorm(d)
+        self.to_cond_user = nn.Linear(d, cfg.dim_h)
+        self.act = nn.SiLU()
+
+    def forward(self, wa_user: torch.Tensor, motion_user: torch.Tensor, wa: torch.Tensor) -> torch.Tensor:
+        """[B, L, dim_a], [B, L, dim_w], [B, L, dim_a] -> condition [B, L, dim_h]."""
+        m = self.motion_embedder(motion_user)
+        user = self.act(self.ln1(m + self.dual_modal_attn(m, wa_user, wa_user, need_weights=False)[0]))
+        fused = self.act(self.ln2(wa + self.user_agent_attn(wa, user, user, need_weights=False)[0]))
+        return self.to_cond_user(fused)

@@ -1,0 +1,198 @@
+"""LIA-style motion latent auto-encoder (MODEL_SPEC §2.1).
+
+A portrait is encoded into an identity code `s_r` plus multi-scale feature maps; a motion code is
+`r = lambda @ Q^T` where `lambda = fc(s)` and Q is an orthonormal basis. The decoder turns `s_r + r_d` into
+a frame by warping the portrait's feature maps with flows predicted level by level.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import MotionAutoencoderConfig
+from .stylegan_ops import ConvLayer, EqualConv2d, EqualLinear, ResBlock, StyledConv, ModulatedConv2d, Upsample
+
+
+class EncoderApp(nn.Module):
+    """Appearance encoder: image [B,3,S,S] -> code [B,style_dim] and feature maps, 8x8 first."""
+
+    def __init__(self, cfg: MotionAutoencoderConfig):
+        super().__init__()
+        ch, taps = cfg.channels, cfg.blur_kernel
+        convs: list[nn.Module] = [ConvLayer(3, ch[cfg.input_size], 1, taps)]
+        in_ch = ch[cfg.input_size]
+        for res in reversed(cfg.resolutions()[:-1]):  # input_size/2 ... 4
+            convs.append(ResBlock(in_ch, ch[res], taps))
+            in_ch = ch[res]
+        convs.append(EqualConv2d(in_ch, cfg.style_dim, 4, padding=0, bias=False))
+        self.convs = nn.ModuleList(convs)
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        outputs = []
+        h = image
+        for conv in self.convs:
+            h = conv(h)
+            outputs.append(h)
+        # Decoder order: skip the 1x1 code and the 4x4 map, then 8x8 ... full resolution.
+        feats = outputs[::-1][2:]
+        return h.flatten(1), feats
+
+
+class MotionEncoder(nn.Module):
+    """`enc`: the appearance encoder plus the purely linear motion MLP."""
+
+    def __init__(self, cfg: MotionAutoencoderConfig):
+        super().__init__()
+        self.net_app = EncoderApp(cfg)
+        d = cfg.style_dim
+        self.fc = nn.Sequential(*[EqualLinear(d, d) for _ in range(4)], EqualLinear(d, cfg.motion_dim))
+
+
+class Direction(nn.Module):
+    """Orthonormal motion basis Q (QR of the learned [style_dim, motion_dim] matrix)."""
+
+    def __init__(self, cfg: MotionAutoencoderConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(cfg.style_dim, cfg.motion_dim))
+
+    def basis(self) -> torch.Tensor:
+        # QR is computed in fp32 whatever the autocast state: it is tiny and sensitive.
+        q, _ = torch.linalg.qr(self.weight.float() + 1e-8)
+        return q
+
+    def forward(self, magnitudes: torch.Tensor) -> torch.Tensor:
+        """lambda [..., motion_dim] -> r = lambda @ Q^T [..., style_dim]."""
+        q = self.basis().to(magnitudes.dtype)
+        return magnitudes @ q.t()
+
+
+class ConstantInput(nn.Module):
+    def __init__(self, channels: int, size: int = 4):
+        super().__init__()
+        self.input = nn.Parameter(torch.randn(1, channels, size, size))
+
+    def forward(self, batch: int) -> torch.Tensor:
+        return self.input.expand(batch, -1, -1, -1)
+
+
+class ToRGB(nn.Module):
+    """1x1 ConvLayer to RGB plus the upsampled RGB of the previous level (not modulated)."""
+
+    def __init__(self, in_channels: int, blur_taps, upsample: bool = True):
+        super().__init__()
+        if upsample:
+            self.upsample = Upsample(blur_taps)
+        self.conv = ConvLayer(in_channels, 3, 1, blur_taps)
+        self.bias = nn.Parameter(torch.zeros(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
+        out = self.conv(x) + self.bias
+        if skip is not None:
+            out = out + self.upsample(skip)
+        return out
+
+
+def identity_grid(size: int) -> torch.Tensor:
+    """[1, size, size, 2] grid_sample coordinates in (x, y) order, as numpy builds them upstream."""
+    xs = np.linspace(-1.0, 1.0, size)
+    grid = np.stack(np.meshgrid(xs, xs), axis=2)
+    return torch.from_numpy(grid).float().unsqueeze(0)
+
+
+class ToFlow(nn.Module):
+    """Predicts a warp grid and a blend mask; warps the portrait's feature map of this level."""
+
+    def __init__(self, in_channels: int, style_dim: int, resolution: int, blur_taps):
+        super().__init__()
+        self.upsample = Upsample(blur_taps)
+        self.conv = ModulatedConv2d(in_channels, 3, 1, style_dim, blur_taps, demodulate=False)
+        self.bias = nn.Parameter(torch.zeros(1, 3, 1, 1))
+        self.register_buffer("grid", identity_grid(resolution), persistent=False)
+
+    def forward(self, x: torch.Tensor, style: torch.Tensor, feat: torch.Tensor,
+                skip: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits = self.conv(x, style) + self.bias
+        if skip is not None:
+            logits = logits + self.upsample(skip)
+        grid = torch.tanh(logits[:, 0:2]).permute(0, 2, 3, 1) + self.grid.to(logits.dtype)
+        mask = torch.sigmoid(logits[:, 2:3])
+        warped = F.grid_sample(feat.to(grid.dtype), grid, mode="bilinear", padding_mode="zeros",
+                               align_corners=False) * mask
+        blended = warped + x * (1 - mask)
+        return warped, blended, logits, grid
+
+
+class DecodedFrames(NamedTuple):
+    image: torch.Tensor  # [B, 3, S, S], raw (no tanh, no clamp)
+    flow: torch.Tensor | None  # [B, R, R, 2] warp grid of the `flow_resolution` level
+
+
+class Synthesis(nn.Module):
+    """`dec`: the flow-warping style decoder, plus the motion basis (`direction`)."""
+
+    def __init__(self, cfg: MotionAutoencoderConfig):
+        super().__init__()
+        ch, taps, d = cfg.channels, cfg.blur_kernel, cfg.style_dim
+        self.flow_resolution = cfg.flow_resolution
+        self.direction = Direction(cfg)
+        self.input = ConstantInput(ch[4])
+        self.conv1 = StyledConv(ch[4], ch[4], 3, d, taps)
+        # Present in the checkpoints but never used by the forward pass.
+        self.to_rgb1 = ToRGB(ch[4], taps, upsample=False)
+        self.convs = nn.ModuleList()
+        self.to_rgbs = nn.ModuleList()
+        self.to_flows = nn.ModuleList()
+        in_ch = ch[4]
+        for res in cfg.resolutions()[1:]:
+            out_ch = ch[res]
+            self.convs.append(StyledConv(in_ch, out_ch, 3, d, taps, upsample=True))
+            self.convs.append(StyledConv(out_ch, out_ch, 3, d, taps))
+            self.to_rgbs.append(ToRGB(out_ch, taps))
+            self.to_flows.append(ToFlow(out_ch, d, res, taps))
+            in_ch = out_ch
+
+    def forward(self, latent: torch.Tensor, feats: list[torch.Tensor]) -> DecodedFrames:
+        """latent [B, style_dim] (s_r + r_d); feats: the portrait's maps, 8x8 first, batch B or 1."""
+        batch = latent.shape[0]
+        out = self.conv1(self.input(batch).to(latent.dtype), latent)
+        rgb = flow_logits = flow = None
+        for level, (to_rgb, to_flow) in enumerate(zip(self.to_rgbs, self.to_flows)):
+            out = self.convs[2 * level](out, latent)
+            out = self.convs[2 * level + 1](out, latent)
+            feat = feats[level]
+            if feat.shape[0] != batch:
+                feat = feat.expand(batch, -1, -1, -1)
+            warped, out, flow_logits, grid = to_flow(out, latent, feat, flow_logits)
+            rgb = to_rgb(warped, rgb)
+            if out.shape[-1] == self.flow_resolution:
+                flow = grid
+        return DecodedFrames(rgb, flow)
+
+
+class MotionAutoencoder(nn.Module):
+    def __init__(self, cfg: MotionAutoencoderConfig):
+        super().__init__()
+        self.config = cfg
+        self.enc = MotionEncoder(cfg)
+        self.dec = Synthesis(cfg)
+
+    def encode_appearance(self, image: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Image in [-1, 1] -> (s_r [B, style_dim], feature maps)."""
+        return self.enc.net_app(image)
+
+    def motion_of_code(self, code: torch.Tensor) -> torch.Tensor:
+        """Appearance code -> absolute motion latent r = fc(code) @ Q^T."""
+        return self.dec.direction(self.enc.fc(code))
+
+    def encode_motion(self, images: torch.Tensor) -> torch.Tensor:
+        """Frames [N,3,S,S] in [-1, 1] -> motion latents [N, style_dim] (the user's r_d)."""
+        code, _ = self.enc.net_app(images)
+        return self.motion_of_code(code)
+
+    def decode(self, latent: torch.Tensor, feats: list[torch.Tensor]) -> DecodedFrames:
+        return self.dec(latent, feats)

@@ -1,0 +1,186 @@
+"""Block-wise flow-matching sampling with three-branch classifier-free guidance (MODEL_SPEC §3).
+
+A batch of B rows (sessions, or utterances) runs as 3B transformer rows, branch-major:
+[unconditional | avatar audio only | user audio + user motion]. "Null" conditions are zeros of the projected
+features, applied before the dual motion encoder; the reference motion r_s is kept in every branch. Each
+branch keeps its own KV cache, but all are refreshed from the same guided latents.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .config import FlowTransformerConfig, SamplerConfig
+from .flow_transformer import FlowTransformer, LayerKV
+from .scheduler import FlowMatchSchedule, SolverStep
+
+NUM_BRANCHES = 3
+NoiseFn = Callable[[tuple[int, ...]], torch.Tensor]
+
+
+@dataclass
+class Conditions:
+    """Per-frame conditions of B rows over the same frame span."""
+
+    wa: torch.Tensor  # avatar audio features [B, L, dim_a]
+    wa_user: torch.Tensor  # user audio features [B, L, dim_a]
+    motion_user: torch.Tensor  # user motion latents [B, L, dim_w]
+
+    def frames(self, start: int, stop: int) -> "Conditions":
+        """Frames [start, stop), replicate-padding past the end (the reference's rule)."""
+        return Conditions(*(_slice_pad(x, start, stop) for x in (self.wa, self.wa_user, self.motion_user)))
+
+
+def _slice_pad(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    idx = torch.arange(start, stop, device=x.device).clamp(max=x.shape[1] - 1)
+    return x.index_select(1, idx)
+
+
+def repeat_branches(x: torch.Tensor) -> torch.Tensor:
+    return x.repeat(NUM_BRANCHES, *([1] * (x.dim() - 1)))
+
+
+class GuidedSampler:
+    def __init__(self, transformer: FlowTransformer, cfg: SamplerConfig, *, skip_noop_steps: bool = True):
+        self.transformer = transformer
+        self.tcfg: FlowTransformerConfig = transformer.config
+        self.schedule = FlowMatchSchedule(cfg)
+        self.a_scale = cfg.a_cfg_scale
+        self.u_scale = cfg.u_cfg_scale
+        self.steps: list[SolverStep] = self.schedule.effective_steps() if skip_noop_steps else self.schedule.steps
+
+    # -- guidance -----------------------------------------------------------------------------------------
+
+    def branch_conditions(self, cond: Conditions) -> torch.Tensor:
+        """Conditions of B rows -> the transformer condition of the 3B guidance rows [3B, L, dim_h]."""
+        wa, wa_user, motion = cond.wa, cond.wa_user, cond.motion_user
+        zero_a, zero_u, zero_m = torch.zeros_like(wa), torch.zeros_like(wa_user), torch.zeros_like(motion)
+        return self.transformer.condition(
+            torch.cat([zero_u, zero_u, wa_user]),
+            torch.cat([zero_m, zero_m, motion]),
+            torch.cat([zero_a, wa, zero_a]),
+        )
+
+    def guide(self, v: torch.Tensor) -> torch.Tensor:
+        v_uncond, v_audio, v_user = v.chunk(NUM_BRANCHES)
+        return v_uncond + self.a_scale * (v_audio - v_uncond) + self.u_scale * (v_user - v_uncond)
+
+    # -- one block ----------------------------------------------------------------------------------------
+
+    def denoise(self, x: torch.Tensor, num_context: int, cond3: torch.Tensor, r_s: torch.Tensor,
+                positions: torch.Tensor, past: list[LayerKV] | None, trace: dict | None = None) -> torch.Tensor:
+        """Integrate the new frames of x [B, L, D] from noise to data; the first num_context stay as given.
+
+        cond3 [3B, L, dim_h] from `branch_conditions`; r_s [B, D]; positions [B, L]; past: 3B-row cache.
+        """
+        b, n, _ = x.shape
+        is_new = torch.arange(n, device=x.device) >= num_context
+        r_s3, pos3 = repeat_branches(r_s), repeat_branches(positions)
+        masks = self.transformer.masks(n, past, x.device)
+        for step in self.steps:
+            t_frames = torch.where(is_new, step.t_cur, 0.0).to(x.dtype).expand(NUM_BRANCHES * b, n)
+            v_branches, _ = self.transformer(repeat_branches(x), t_frames, cond3, r_s3, pos3, past, masks)
+            v = self.guide(v_branches)
+            # The solver update runs in float64, as upstream: x <- x + (sigma_next - sigma_cur) v.
+            stepped = (x.double() + (step.sigma_next - step.sigma_cur) * v.double()).to(x.dtype)
+            x_next = torch.where(is_new[None, :, None], stepped, x) if not step.is_noop else x
+            if trace is not None:
+                trace.setdefault("x_steps", []).append(x_next)
+                trace.setdefault("v_branches", []).append(v_branches)
+                trace.setdefault("v_guided", []).append(v)
+                trace.setdefault("t_cur_frames", []).append(torch.where(is_new, step.t_cur, 0.0)[None])
+                trace.setdefault("t_next_frames", []).append(torch.where(is_new, step.t_next, 0.0)[None])
+            x = x_next
+        return x
+
+    # -- cache --------------------------------------------------------------------------------------------
+
+    def clean_pass(self, x: torch.Tensor, cond3: torch.Tensor, r_s: torch.Tensor, positions: torch.Tensor,
+                   past: list[LayerKV] | None) -> list[LayerKV]:
+        """Re-run the transformer on the final latents at t = 0; return every token's keys/values."""
+        x3 = repeat_branches(x)
+        t0 = torch.zeros(x3.shape[:2], dtype=x.dtype, device=x.device)
+        _, kv = self.transformer(x3, t0, cond3, r_s.repeat(NUM_BRANCHES, 1), repeat_branches(positions), past)
+        return kv
+
+    def primed_cache(self, fresh: list[LayerKV]) -> list[LayerKV]:
+        """After the priming window: self cache = frames [block, clip - context), cross = the last kept ones."""
+        c = self.tcfg
+        s0, s1 = c.block_frames, c.clip_frames - c.context_frames
+        x0, x1 = c.clip_frames - c.context_frames - c.cross_cache_len, c.clip_frames - c.context_frames
+        return [LayerKV(kv.self_k[:, :, s0:s1], kv.self_v[:, :, s0:s1], kv.cross_k[:, :, x0:x1],
+                        kv.cross_v[:, :, x0:x1]) for kv in fresh]
+
+    def advanced_cache(self, past: list[LayerKV], fresh: list[LayerKV]) -> list[LayerKV]:
+        """After a streaming block: shift the self cache by one block and append context + new frames
+        except the last `context` (they are re-fed as the next block's context)."""
+        c = self.tcfg
+        keep = c.block_frames
+        new_end = c.block_tokens - c.context_frames
+        x0, x1 = new_end - c.cross_cache_len, new_end
+        out = []
+        for old, kv in zip(past, fresh):
+            out.append(LayerKV(
+                torch.cat([old.self_k[:, :, keep:], kv.self_k[:, :, :new_end]], 2),
+                torch.cat([old.self_v[:, :, keep:], kv.self_v[:, :, :new_end]], 2),
+                kv.cross_k[:, :, x0:x1],
+                kv.cross_v[:, :, x0:x1],
+            ))
+        return out
+
+
+@dataclass
+class RolloutResult:
+    latents: torch.Tensor  # [B, T, dim_w]
+    trace: dict | None = None
+
+
+def rollout(sampler: GuidedSampler, r_s: torch.Tensor, cond: Conditions, num_frames: int, noise: NoiseFn,
+            trace: bool = False) -> RolloutResult:
+    """Offline generation of num_frames motion latents, exactly as the reference `sample()` does it:
+    a priming window of `clip_frames`, then streaming blocks of `block_frames` over a KV cache."""
+    c = sampler.tcfg
+    b, device = r_s.shape[0], r_s.device
+    record: dict | None = {"blocks": []} if trace else None
+
+    def block_trace(**tensors) -> dict | None:
+        if record is None:
+            return None
+        entry = dict(tensors)
+        record["blocks"].append(entry)
+        return entry
+
+    # Priming window.
+    span = cond.frames(0, c.clip_frames)
+    cond3 = sampler.branch_conditions(span)
+    positions = torch.arange(c.clip_frames, device=device).expand(b, -1)
+    x_init = noise((b, c.clip_frames, c.dim_w))
+    entry = block_trace(x_init=x_init, c=cond3, wa_in=span.wa, wa_user_in=span.wa_user,
+                        motion_user_in=span.motion_user)
+    x = sampler.denoise(x_init, 0, cond3, r_s, positions, None, entry)
+    cache = sampler.primed_cache(sampler.clean_pass(x, cond3, r_s, positions, None))
+    if entry is not None:
+        entry["cache_update_x"] = repeat_branches(x)
+        record["kv_after_priming"] = cache
+    pieces = [x]
+
+    for start in range(c.clip_frames, num_frames, c.block_frames):
+        first = start - c.context_frames
+        span = cond.frames(first, start + c.block_frames)
+        cond3 = sampler.branch_conditions(span)
+        positions = torch.arange(first, start + c.block_frames, device=device).expand(b, -1)
+        x_init = torch.cat([x[:, -c.context_frames:], noise((b, c.block_frames, c.dim_w))], dim=1)
+        entry = block_trace(x_init=x_init, c=cond3, wa_in=span.wa, wa_user_in=span.wa_user,
+                            motion_user_in=span.motion_user)
+        x = sampler.denoise(x_init, c.context_frames, cond3, r_s, positions, cache, entry)
+        cache = sampler.advanced_cache(cache, sampler.clean_pass(x, cond3, r_s, positions, cache))
+        if entry is not None:
+            entry["cache_update_x"] = repeat_branches(x)
+        pieces.append(x[:, c.context_frames:])
+
+    if record is not None:
+        record["kv_final"] = cache
+    return RolloutResult(torch.cat(pieces, dim=1)[:, :num_frames], record)

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Debian packages the project needs at run or test time. Installs only what is missing (needs root then).
+set -euo pipefail
+
+REQUIRED=()
+
+missing=()
+for pkg in "${REQUIRED[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "missing Debian packages: ${missing[*]}; install them as root: apt-get install ${missing[*]}" >&2
+    exit 1
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}"
