@@ -79,3 +79,21 @@ class AudioEncoder(nn.Module):
     def forward(self, wave: torch.Tensor, num_frames: int) -> torch.Tensor:
         """Normalised waveform [B, N] -> projected features [B, num_frames, dim_a]."""
         return self.audio_projection(self.stacked_features(wave, num_frames))
+
+    def encode_long(self, wave: torch.Tensor, num_frames: int, window: int = 1500,
+                    context: int = 100) -> torch.Tensor:
+        """Like forward, for any length: segments of `window` frames, each encoded with up to `context`
+        frames of audio on both sides and cropped back, so memory stays bounded. Clips of at most
+        window + 2 * context frames are encoded whole, exactly as the reference does."""
+        spf = self.config.samples_per_frame
+        if num_frames <= window + 2 * context:
+            return self(wave, num_frames)
+        wave = self.pad_waveform(wave, num_frames)
+        pieces = []
+        for start in range(0, num_frames, window):
+            stop = min(start + window, num_frames)
+            lo, hi = max(0, start - context), min(num_frames, stop + context)
+            feats = self(wave[:, lo * spf:hi * spf], hi - lo)
+            pieces.append(feats[:, start - lo:stop - lo])
+        return torch.cat(pieces, dim=1)
+

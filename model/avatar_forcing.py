@@ -38,4 +38,5 @@ def build_model(cfg: AvatarForcingConfig, device: torch.device | str = "cpu") ->
     """Instantiate in eval mode. On `meta` nothing is allocated (for shape and key checks)."""
     with torch.device(device):
         model = AvatarForcing(cfg)
-    return model.eval().requires_grad_(False)
+    # A few tensors are created on the CPU whatever the default device (numpy grids, transformers' init).
+    return model.to(device).eval().requires_grad_(False)

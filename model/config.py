@@ -127,6 +127,11 @@ class FlowTransformerConfig:
     def cross_cache_len(self) -> int:
         return self.stream_cross_window
 
+    @property
+    def rebase_position(self) -> int:
+        """Where a rebased block's first token lands: the first streaming block's own position (48)."""
+        return self.clip_frames - self.context_frames
+
 
 @dataclass(frozen=True)
 class SamplerConfig:

@@ -27,9 +27,15 @@ class DualMotionEncoder(nn.Module):
         self.to_cond_user = nn.Linear(d, cfg.dim_h)
         self.act = nn.SiLU()
 
+    def user_state(self, wa_user: torch.Tensor, motion_user: torch.Tensor) -> torch.Tensor:
+        """The user's motion embedding attending to the user's audio."""
+        m = self.motion_embedder(motion_user)
+        return self.act(self.ln1(m + self.dual_modal_attn(m, wa_user, wa_user, need_weights=False)[0]))
+
+    def avatar_state(self, wa: torch.Tensor, user: torch.Tensor) -> torch.Tensor:
+        """The avatar's audio attending to the user state."""
+        return self.act(self.ln2(wa + self.user_agent_attn(wa, user, user, need_weights=False)[0]))
+
     def forward(self, wa_user: torch.Tensor, motion_user: torch.Tensor, wa: torch.Tensor) -> torch.Tensor:
         """[B, L, dim_a], [B, L, dim_w], [B, L, dim_a] -> condition [B, L, dim_h]."""
-        m = self.motion_embedder(motion_user)
-        user = self.act(self.ln1(m + self.dual_modal_attn(m, wa_user, wa_user, need_weights=False)[0]))
-        fused = self.act(self.ln2(wa + self.user_agent_attn(wa, user, user, need_weights=False)[0]))
-        return self.to_cond_user(fused)
+        return self.to_cond_user(self.avatar_state(wa, self.user_state(wa_user, motion_user)))

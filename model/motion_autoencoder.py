@@ -127,6 +127,14 @@ class ToFlow(nn.Module):
         return warped, blended, logits, grid
 
 
+class PortraitCode(NamedTuple):
+    """What the model keeps of a portrait: identity code, warp sources and its own motion."""
+
+    s_r: torch.Tensor  # [1, style_dim]
+    feats: list[torch.Tensor]  # decoder-order feature maps, 8x8 first, batch 1
+    r_s: torch.Tensor  # [1, style_dim] reference motion (the transformer's r_s)
+
+
 class DecodedFrames(NamedTuple):
     image: torch.Tensor  # [B, 3, S, S], raw (no tanh, no clamp)
     flow: torch.Tensor | None  # [B, R, R, 2] warp grid of the `flow_resolution` level
@@ -194,5 +202,16 @@ class MotionAutoencoder(nn.Module):
         code, _ = self.enc.net_app(images)
         return self.motion_of_code(code)
 
+    def encode_portrait(self, image: torch.Tensor) -> PortraitCode:
+        """One portrait [1,3,S,S] in [-1, 1] -> its code."""
+        s_r, feats = self.encode_appearance(image)
+        return PortraitCode(s_r, feats, self.motion_of_code(s_r))
+
     def decode(self, latent: torch.Tensor, feats: list[torch.Tensor]) -> DecodedFrames:
         return self.dec(latent, feats)
+
+    def decode_frames(self, portrait: PortraitCode, r_d: torch.Tensor, chunk: int = 10) -> torch.Tensor:
+        """Motion latents r_d [N, style_dim] of one portrait -> raw frames [N, 3, S, S], `chunk` at a time."""
+        pieces = [self.dec(portrait.s_r + r_d[i:i + chunk], portrait.feats).image
+                  for i in range(0, r_d.shape[0], chunk)]
+        return torch.cat(pieces)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import FlowTransformerConfig, SamplerConfig
-from .flow_transformer import FlowTransformer, LayerKV
+from .flow_transformer import FlowTransformer, LayerKV, apply_rope
 from .scheduler import FlowMatchSchedule, SolverStep
 
 NUM_BRANCHES = 3
@@ -37,6 +37,11 @@ class Conditions:
 def _slice_pad(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     idx = torch.arange(start, stop, device=x.device).clamp(max=x.shape[1] - 1)
     return x.index_select(1, idx)
+
+
+def apply_rope_rows(k: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """Rotate every position of k [B, H, L, D] by the same per-row rotation rot [B, 1, D/2]."""
+    return apply_rope(k, rot.expand(k.shape[0], k.shape[2], rot.shape[-1]))
 
 
 def repeat_branches(x: torch.Tensor) -> torch.Tensor:
@@ -114,6 +119,17 @@ class GuidedSampler:
         return [LayerKV(kv.self_k[:, :, s0:s1], kv.self_v[:, :, s0:s1], kv.cross_k[:, :, x0:x1],
                         kv.cross_v[:, :, x0:x1]) for kv in fresh]
 
+    def rebase(self, cache: list[LayerKV], delta: torch.Tensor) -> list[LayerKV]:
+        """Shift the RoPE positions of B rows down by delta [B] (int) without changing any output.
+
+        Attention scores depend on q/k rotations only through position differences, so rotating every
+        cached key back by delta and giving the next tokens positions - delta is exact (up to fp32
+        rounding of one extra complex multiply). Keeps positions inside the reference's table forever.
+        """
+        back = self.transformer.rope[delta].conj()  # [B, head_dim/2]
+        back = repeat_branches(back)[:, None, :]
+        return [LayerKV(apply_rope_rows(kv.self_k, back), kv.self_v, kv.cross_k, kv.cross_v) for kv in cache]
+
     def advanced_cache(self, past: list[LayerKV], fresh: list[LayerKV]) -> list[LayerKV]:
         """After a streaming block: shift the self cache by one block and append context + new frames
         except the last `context` (they are re-fed as the next block's context)."""
@@ -167,11 +183,17 @@ def rollout(sampler: GuidedSampler, r_s: torch.Tensor, cond: Conditions, num_fra
         record["kv_after_priming"] = cache
     pieces = [x]
 
+    offset = 0  # how far positions have been rebased
+    table = sampler.transformer.rope.shape[0]
     for start in range(c.clip_frames, num_frames, c.block_frames):
         first = start - c.context_frames
         span = cond.frames(first, start + c.block_frames)
         cond3 = sampler.branch_conditions(span)
-        positions = torch.arange(first, start + c.block_frames, device=device).expand(b, -1)
+        if start + c.block_frames - offset > table:
+            delta = first - offset - c.rebase_position
+            cache = sampler.rebase(cache, torch.full((b,), delta, device=device))
+            offset += delta
+        positions = torch.arange(first - offset, start + c.block_frames - offset, device=device).expand(b, -1)
         x_init = torch.cat([x[:, -c.context_frames:], noise((b, c.block_frames, c.dim_w))], dim=1)
         entry = block_trace(x_init=x_init, c=cond3, wa_in=span.wa, wa_user_in=span.wa_user,
                             motion_user_in=span.motion_user)
