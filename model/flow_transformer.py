@@ -103,6 +103,15 @@ class InputEmbedder(nn.Module):
         return self.proj(torch.cat([x, r_s[:, None, :].expand_as(x)], dim=-1))
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None,
+           mask: torch.Tensor) -> torch.Tensor:
+    """Attention of q [B, H, n, d] over [cached | new] keys/values; returns [B, n, H * d]."""
+    if past is not None:
+        k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return out.transpose(1, 2).flatten(2)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, hidden: int, heads: int):
         super().__init__()
@@ -115,9 +124,7 @@ class SelfAttention(nn.Module):
         b, n, c = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(q, rot), apply_rope(k, rot)
-        keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        return self.proj(out.transpose(1, 2).reshape(b, n, c)), k, v
+        return self.proj(attend(q, k, v, past, mask)), k, v
 
 
 class CrossAttention(nn.Module):
@@ -134,9 +141,7 @@ class CrossAttention(nn.Module):
         d = c // self.heads
         q = self.q(x).reshape(b, n, self.heads, d).transpose(1, 2)
         k, v = self.kv(cond).reshape(b, cond.shape[1], 2, self.heads, d).permute(2, 0, 3, 1, 4)
-        keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        return self.proj(out.transpose(1, 2).reshape(b, n, c)), k, v
+        return self.proj(attend(q, k, v, past, mask)), k, v
 
 
 class Mlp(nn.Module):
