@@ -1,0 +1,8 @@
+"""Streaming engine: live sessions, a KV-cache pool and batched block steps (free of networking/asyncio)."""
+
+from .engine import STAGES, EngineSettings, PoolFullError, StreamingEngine
+from .inputs import LiveInputs, LiveSettings, PrecomputedInputs
+from .session import BlockOutput, Session
+
+__all__ = ["STAGES", "BlockOutput", "EngineSettings", "LiveInputs", "LiveSettings", "PoolFullError",
+           "PrecomputedInputs", "Session", "StreamingEngine"]

@@ -1,0 +1,165 @@
+"""Where a session's conditions come from.
+
+`PrecomputedInputs` holds per-frame features computed elsewhere (the offline generator's whole-utterance
+encoding, or a test's recorded tensors). `LiveInputs` takes raw avatar speech, microphone PCM and webcam
+frames as they arrive and hands the engine raw windows, so the engine can run wav2vec2 and the motion
+encoder once for all due sessions together.
+
+Both speak in session frames (25 fps). Frames [0, origin) are a silent lead-in that lets a live session
+prime its cache at once; input time 0 lands on frame `origin`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..sampler import Conditions
+from .timeline import AudioTrack, FrameTrack, StreamingNormalizer
+
+
+@dataclass
+class LiveWindows:
+    """Raw inputs of one block, to be encoded by the engine."""
+
+    first_frame: int  # session frame of the windows' first feature
+    avatar_pcm: np.ndarray  # normalised, window_frames * samples_per_frame
+    user_pcm: np.ndarray
+    avatar_first_frame: int  # the avatar window may run ahead of the span (queued speech)
+    frame_ids: list[int | None]  # webcam frame feeding each frame of the span (None = null motion)
+
+
+@dataclass
+class BlockRequest:
+    start: int  # span of frames whose conditions the block needs: [start, stop)
+    stop: int
+    conditions: Conditions | None = None  # precomputed [1, L, d] tensors
+    live: LiveWindows | None = None
+
+
+class PrecomputedInputs:
+    """Per-frame features [T, d] for the whole clip; frames past the end replicate the last one."""
+
+    def __init__(self, wa: torch.Tensor, wa_user: torch.Tensor, motion_user: torch.Tensor,
+                 avatar_pcm: np.ndarray | None = None, samples_per_frame: int = 640):
+        if not (wa.shape[0] == wa_user.shape[0] == motion_user.shape[0]):
+            raise ValueError("precomputed conditions must have the same number of frames")
+        self.cond = Conditions(wa[None], wa_user[None], motion_user[None])
+        self.total_frames = wa.shape[0]
+        self.origin = 0
+        self.samples_per_frame = samples_per_frame
+        self.avatar = AudioTrack()
+        if avatar_pcm is not None:
+            self.avatar.write(0, avatar_pcm)
+
+    def ready_until(self, now_frame: float) -> int:
+        return self.total_frames
+
+    def request(self, start: int, stop: int) -> BlockRequest:
+        return BlockRequest(start, stop, conditions=self.cond.frames(start, stop))
+
+    def avatar_audio(self, start: int, stop: int) -> np.ndarray:
+        spf = self.samples_per_frame
+        return self.avatar.read(start * spf, stop * spf)
+
+    def consumed(self, frame: int) -> None:
+        pass
+
+
+@dataclass
+class LiveSettings:
+    fps: int = 25
+    sample_rate: int = 16000
+    window_frames: int = 60  # wav2vec2 context per block (2.4 s)
+    avatar_lookahead_frames: int = 10  # queued speech past the block may inform its features
+    lead_in_frames: int = 50  # silent priming window; input time 0 lands here
+    max_wait_frames: int = 5  # a block waits this long past its end for late microphone audio
+    motion_hold_s: float = 1.0  # a webcam frame stands in for missing ones this long
+    avatar_fixed_std: float | None = None  # fix the avatar speech normalisation (TTS at a known level)
+    context_frames: int = 2
+
+
+class LiveInputs:
+    """Inputs of a live session, on the session's frame axis."""
+
+    def __init__(self, settings: LiveSettings):
+        self.s = settings
+        self.spf = settings.sample_rate // settings.fps
+        self.origin = settings.lead_in_frames
+        self.total_frames: int | None = None
+        self.avatar = AudioTrack()  # speech the avatar says, in output time
+        self.user = AudioTrack()  # microphone, placed by capture time
+        self.frames = FrameTrack(settings.fps, hold_s=settings.motion_hold_s)
+        self.avatar_norm = StreamingNormalizer(fixed_std=settings.avatar_fixed_std)
+        self.user_norm = StreamingNormalizer()
+        self.next_frame = 0  # first frame not generated yet
+        self._normalised_until = {"avatar": 0, "user": 0}
+
+    # -- pushes (any thread) ------------------------------------------------------------------------------
+
+    def push_speech(self, pcm: np.ndarray) -> int:
+        """Queue avatar speech (model rate) to play after what is queued; returns its first frame."""
+        start = max(self.avatar.end, self.next_frame * self.spf, self.origin * self.spf)
+        self.avatar.write(start, pcm)
+        return start // self.spf
+
+    def interrupt(self) -> None:
+        """Drop queued speech that has not been generated yet (barge-in)."""
+        self.avatar.truncate(self.next_frame * self.spf)
+
+    def queued_speech_frames(self) -> int:
+        return max(0, math.ceil(self.avatar.end / self.spf) - self.next_frame)
+
+    def push_user_audio(self, pcm: np.ndarray, time_s: float | None) -> None:
+        """Microphone PCM (model rate) captured at time_s on the session clock (None: right after the last)."""
+        if time_s is None:
+            self.user.append(pcm)
+        else:
+            self.user.write(self.origin * self.spf + int(round(time_s * self.s.sample_rate)), pcm)
+
+    def push_user_frame(self, crop: np.ndarray, time_s: float) -> None:
+        """A face crop (already model-sized) captured at time_s on the session clock."""
+        self.frames.push(crop, time_s)
+
+    # -- engine side --------------------------------------------------------------------------------------
+
+    def ready_until(self, now_frame: float) -> int:
+        """Frames whose conditions are final: covered by microphone audio, or given up waiting for."""
+        covered = self.user.end // self.spf
+        waited = int(now_frame) - self.s.max_wait_frames
+        return max(covered, waited, self.origin)
+
+    def request(self, start: int, stop: int) -> BlockRequest:
+        w = self.s.window_frames
+        lookahead = min(self.s.avatar_lookahead_frames, max(0, math.ceil(self.avatar.end / self.spf) - stop))
+        user_first, avatar_first = stop - w, stop + lookahead - w
+        self._advance_normalizers(stop)
+        avatar = self.avatar_norm(self.avatar.read(avatar_first * self.spf, (avatar_first + w) * self.spf))
+        user = self.user_norm(self.user.read(user_first * self.spf, stop * self.spf))
+        ids = [self.frames.slot(f - self.origin).frame_id if f >= self.origin else None for f in range(start, stop)]
+        return BlockRequest(start, stop, live=LiveWindows(user_first, avatar, user, avatar_first, ids))
+
+    def avatar_audio(self, start: int, stop: int) -> np.ndarray:
+        return self.avatar.read(start * self.spf, stop * self.spf)
+
+    def consumed(self, frame: int) -> None:
+        """Frames before `frame` are generated; keep only what later windows can still read."""
+        self.next_frame = max(self.next_frame, frame)
+        keep = (self.s.window_frames + 16) * self.spf
+        self.avatar.mark_consumed(frame * self.spf, keep)
+        self.user.mark_consumed(frame * self.spf, keep)
+        # The next block re-reads its context frames.
+        self.frames.mark_consumed((frame - self.origin - 2 * self.s.context_frames) / self.s.fps)
+
+    def _advance_normalizers(self, stop: int) -> None:
+        """Feed the running statistics with the audio up to this block, 400 ms at a time."""
+        chunk = 10 * self.spf
+        for name, track, norm in (("avatar", self.avatar, self.avatar_norm), ("user", self.user, self.user_norm)):
+            pos = self._normalised_until[name]
+            while pos + chunk <= stop * self.spf:
+                norm.update(track.read(pos, pos + chunk))
+                pos += chunk
+            self._normalised_until[name] = pos

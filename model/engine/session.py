@@ -1,0 +1,61 @@
+"""State of one live conversation inside the engine."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..motion_autoencoder import PortraitCode
+from ..sampler import NoiseFn
+from .inputs import LiveInputs, PrecomputedInputs
+
+
+def generator_noise(seed: int, device: torch.device | str, dtype: torch.dtype = torch.float32) -> NoiseFn:
+    """Noise from the session's own CPU generator (identical on every device), so a run replays exactly."""
+    gen = torch.Generator().manual_seed(seed)
+    return lambda shape: torch.randn(shape, generator=gen).to(device, dtype)
+
+
+@dataclass
+class BlockOutput:
+    session_id: str
+    index: int  # 0 = the priming window
+    first_frame: int  # session frame of frames[0]
+    latents: torch.Tensor  # [N, dim_w] generated motion latents
+    frames: np.ndarray | None  # [N, S, S, 3] uint8, None when decoding is off
+    audio: np.ndarray  # [N * samples_per_frame] float32 avatar speech belonging to these frames
+    lead_in: bool  # frames of the silent priming window of a live session
+    ready_at: float  # clock time at which the block's inputs were complete (or given up on)
+    done_at: float  # clock time at which the outputs were ready
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, shared by the batch
+    batch_size: int = 1
+
+
+@dataclass
+class Session:
+    id: str
+    slot: int
+    portrait: PortraitCode
+    inputs: LiveInputs | PrecomputedInputs
+    noise: NoiseFn
+    seed: int
+    clock_start: float
+    next_frame: int = 0  # first frame not generated yet (0: priming is due)
+    blocks_done: int = 0
+    position_offset: int = 0  # RoPE rebasing so far
+    context: torch.Tensor | None = None  # [1, context_frames, dim_w] clean latents re-fed next block
+    motion_latents: OrderedDict = field(default_factory=OrderedDict)  # webcam frame id -> [dim_w] latent
+    late_blocks: int = 0
+
+    @property
+    def finished(self) -> bool:
+        total = self.inputs.total_frames
+        return total is not None and self.next_frame >= total
+
+    def remember_motion(self, frame_id: int, latent: torch.Tensor, keep: int = 64) -> None:
+        self.motion_latents[frame_id] = latent
+        while len(self.motion_latents) > keep:
+            self.motion_latents.popitem(last=False)
