@@ -20,8 +20,15 @@ install: $(STAMP)
 test: install
 	$(PY) -m pytest
 
+GOLDEN ?= ../shared/golden/avatar_forcing_ref_v1
+MEDIA ?= ../shared/media
+
+# Until the WebRTC server lands: the offline demo with the small reference configuration.
 serve: install
-	$(VENV)/bin/avatar-forcing serve
+	mkdir -p out
+	$(VENV)/bin/avatar-forcing generate --config $(GOLDEN) --weights $(GOLDEN)/small_weights.safetensors \
+		--avatar-image $(MEDIA)/rumi.jpg --avatar-audio $(MEDIA)/avatar.wav --user-video $(MEDIA)/user.mp4 \
+		-o out/demo.mp4
 
 clean:
 	rm -rf $(VENV) build *.egg-info
