@@ -102,17 +102,27 @@ def run_sessions(model: AvatarForcing, inputs: BenchInputs, sessions: int, block
     opened = []
     for i in range(sessions):
         s = engine.open_session(inputs.portrait, seed=i, now=base - 1e4)  # a session clock far in the past
-        s.inputs.push_speech(inputs.avatar_pcm)
+        s.inputs.push_speech(inputs.avatar_pcm)  # the application queues the whole utterance
         s.inputs.push_user_audio(inputs.user_pcm, 0.0)
-        for j, crop in enumerate(inputs.user_crops):
-            s.inputs.push_user_frame(crop, j / cfg.fps)
         opened.append(s)
-    engine.step()  # priming
+    block = cfg.transformer.block_frames
+    pushed = 0
+
+    def feed_camera(until_frame: int) -> None:
+        """Webcam frames arrive as a camera sends them: the ones of the next block, before its step."""
+        nonlocal pushed
+        for j in range(pushed, min(until_frame, len(inputs.user_crops))):
+            for s in opened:
+                s.inputs.push_user_frame(inputs.user_crops[j], j / cfg.fps)
+        pushed = max(pushed, until_frame)
+
+    engine.step()  # priming (the silent lead-in)
     latency: list[float] = []
     stage: dict[str, list[float]] = {k: [] for k in STAGES}
     step_wall: list[float] = []
     t_start = time.perf_counter()
     for b in range(blocks):
+        feed_camera((b + 1) * block)
         t0 = time.perf_counter()
         outputs = engine.step()
         step_wall.append(time.perf_counter() - t0)
