@@ -22,6 +22,7 @@ import torch
 from .avatar_forcing import AvatarForcing, build_model
 from .engine import STAGES, EngineSettings, StreamingEngine
 from .generate import config_from_arg, pick_device
+from avatar_forcing.errors import UserError
 
 
 @dataclass
@@ -113,7 +114,7 @@ def run_sessions(model: AvatarForcing, inputs: BenchInputs, sessions: int, block
         nonlocal pushed
         for j in range(pushed, min(until_frame, len(inputs.user_crops))):
             for s in opened:
-                s.inputs.push_user_frame(inputs.user_crops[j], j / cfg.fps)
+                s.inputs.push_user_crop(inputs.user_crops[j], j / cfg.fps)
         pushed = max(pushed, until_frame)
 
     engine.step()  # priming (the silent lead-in)
@@ -136,6 +137,132 @@ def run_sessions(model: AvatarForcing, inputs: BenchInputs, sessions: int, block
     for s in opened:
         engine.close_session(s.id)
     return RunStats(sessions, batching, latency, stage, step_wall, blocks * cfg.transformer.block_frames, wall)
+
+
+def measure_audio_windows(model: AvatarForcing, folder: Path, windows: list[int], lookaheads: list[int],
+                          seed: int = 20):
+    """Streaming audio features (rolling windows) against whole-utterance encoding, on real media.
+
+    Both runs use the same portrait, webcam crops (the offline fixed crop), noise seed and engine; only the
+    audio features differ. Yields (window, avatar look-ahead, normalisation, avatar feature error, user
+    feature error, output-latent error) as relative L2 over the whole clip. Normalisation "streaming" is the deployed
+    running normaliser; "utterance" feeds audio already normalised over the whole clip, isolating the
+    effect of the window itself.
+    """
+    from .audio_encoder import normalize_utterance
+    from .engine import LiveSettings, PrecomputedInputs
+    from .media.audio import load_audio
+    from .media.face import default_detector, fixed_crop_box
+    from .media.image import resize_square, to_model_input
+    from .media.video import iter_video_frames
+    from .offline import audio_features, portrait_crop
+
+    cfg = model.config
+    sr, spf, size = cfg.sampling_rate, cfg.audio.samples_per_frame, cfg.motion.input_size
+    avatar, user = load_audio(folder / "avatar.wav", sr), load_audio(folder / "user.mp4", sr)
+    num_frames = int(np.ceil(max(len(avatar), len(user)) / spf))
+    box = fixed_crop_box(iter_video_frames(folder / "user.mp4"), default_detector(), detect_stride=5)
+    crops = np.stack([resize_square(f[box[1]:box[3], box[0]:box[2]], size)
+                      for f in iter_video_frames(folder / "user.mp4")][:num_frames])
+    portrait = portrait_crop(next(folder.glob("*.jpg")), size, True)
+    with torch.inference_mode():
+        motion = torch.cat([model.motion_autoencoder.encode_motion(to_model_input(crops[i:i + 50]))
+                            for i in range(0, len(crops), 50)])
+    motion = torch.cat([motion, motion[-1:].expand(num_frames - len(motion), -1)])
+    wa_ref, wu_ref = audio_features(model, avatar, num_frames), audio_features(model, user, num_frames)
+
+    def run(live: LiveSettings | None = None, fill=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Latents, avatar and user features of one run: precomputed reference features, or live windows."""
+        settings = EngineSettings(max_sessions=1, decode=False, record_conditions=True)
+        if live is not None:
+            settings.live = live
+        engine = StreamingEngine(model, settings)
+        inputs = PrecomputedInputs(wa_ref, wu_ref, motion) if live is None else engine.new_live_inputs()
+        session = engine.open_session(portrait, seed=seed, inputs=inputs, now=0.0)
+        if fill is not None:
+            fill(session)
+        outs = []
+        while session.next_frame < num_frames:
+            outs.extend(engine.step(now=1e9))
+
+        def cat(part):
+            return torch.cat([part(o) for o in outs])[:num_frames]
+
+        return cat(lambda o: o.latents), cat(lambda o: o.conditions.wa[0]), cat(lambda o: o.conditions.wa_user[0])
+
+    ref_latents, _, _ = run()
+    rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+    runs = [(w, la, "streaming") for w in windows for la in lookaheads]
+    runs += [(w, lookaheads[len(lookaheads) // 2], "utterance") for w in windows]
+    for w, la, norm in runs:
+        live = LiveSettings(window_frames=w, lead_in_frames=0, normalize=norm == "streaming",
+                            avatar_lookahead_frames=la)
+        a_pcm = avatar if norm == "streaming" else normalize_utterance(avatar).numpy()
+        u_pcm = user if norm == "streaming" else normalize_utterance(user).numpy()
+
+        def fill(session, a_pcm=a_pcm, u_pcm=u_pcm):
+            session.inputs.push_speech(a_pcm)
+            session.inputs.push_user_audio(u_pcm, 0.0)
+            for j, crop in enumerate(crops):
+                session.inputs.push_user_crop(crop, j / cfg.fps)
+
+        latents, wa, wu = run(live, fill)
+        yield w, la, norm, rel(wa, wa_ref), rel(wu, wu_ref), rel(latents, ref_latents)
+
+
+def run_bench_audio_window(args) -> int:
+    model = _model_for(args)
+    if not args.media:
+        raise UserError("bench audio-window needs --media FOLDER (avatar.wav, user.mp4 and a .jpg portrait)")
+    _header(args, model)
+    print("\nstreaming audio features vs whole-utterance encoding (relative L2 over the clip); the avatar's "
+          "speech is queued, so its window may look ahead")
+    print(f"{'window':>8}{'look-ahead':>12} {'normalisation':<14}{'avatar feat':>12}{'user feat':>12}{'latents':>10}")
+    for w, la, norm, ea, eu, el in measure_audio_windows(model, Path(args.media), [int(x) for x in args.windows],
+                                                         [int(x) for x in args.lookaheads]):
+        print(f"{w:>5} fr{la:>9} fr {norm:<14}{ea:>12.4f}{eu:>12.4f}{el:>10.4f}")
+    return 0
+
+
+def measure_drift(model: AvatarForcing, inputs: BenchInputs, seconds: float, anchor: bool, seed: int = 0):
+    """One live session for `seconds` of video, inputs looped; yields (time_s, |block mean - r_s| / |r_s|)
+    per block, the distance the pose anchor acts on."""
+    from .engine import PoseAnchorSettings
+
+    cfg = model.config
+    settings = EngineSettings(max_sessions=1, decode=False, pose_anchor=PoseAnchorSettings() if anchor else None)
+    engine = StreamingEngine(model, settings)
+    session = engine.open_session(inputs.portrait, seed=seed, now=0.0)
+    r_s = session.portrait.r_s[0]
+    block = cfg.transformer.block_frames
+    clip = len(inputs.user_crops)
+    engine.step(now=0.0)
+    for b in range(int(seconds * cfg.fps / block)):
+        t = b * block / cfg.fps
+        span = slice((b * block) % clip, (b * block) % clip + block)
+        pcm = slice(span.start * cfg.audio.samples_per_frame, span.stop * cfg.audio.samples_per_frame)
+        session.inputs.push_user_audio(inputs.user_pcm[pcm], t)
+        if session.inputs.queued_speech_frames() < block:
+            session.inputs.push_speech(inputs.avatar_pcm[pcm])
+        for j, crop in enumerate(inputs.user_crops[span]):
+            session.inputs.push_user_crop(crop, t + j / cfg.fps)
+        (out,) = engine.step(now=t + 1.0)  # past the late-input wait: exactly this block is due
+        yield t, float((out.latents.mean(0) - r_s).norm() / r_s.norm())
+
+
+def run_bench_drift(args) -> int:
+    model = _model_for(args)
+    inputs = _inputs_for(args, model, 40)
+    _header(args, model)
+    print(f"\none live session, {args.seconds:.0f} s; inputs looped; distance = |block-mean latent - r_s| / |r_s|")
+    runs = {a: list(measure_drift(model, inputs, args.seconds, a)) for a in (False, True)}
+    print(f"{'time':>8}{'no anchor':>12}{'anchor':>10}")
+    every = max(1, len(runs[False]) // 12)
+    for i in range(0, len(runs[False]), every):
+        window = slice(max(0, i - every + 1), i + 1)
+        mean = lambda rows: statistics.fmean(d for _, d in rows[window])  # noqa: E731
+        print(f"{runs[False][i][0]:>7.0f}s{mean(runs[False]):>12.3f}{mean(runs[True]):>10.3f}")
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -238,3 +365,12 @@ def add_bench_command(subparsers) -> None:
     e.add_argument("--sessions", nargs="+", default=[1, 4, 16], help="session counts to run (e.g. 1 4 16)")
     e.add_argument("--no-decode", action="store_true", help="skip frame decoding")
     e.set_defaults(func=run_bench_engine)
+    d = sub.add_parser("drift", help="pose drift of a long session, with and without the pose anchor")
+    common(d)
+    d.add_argument("--seconds", type=float, default=120.0)
+    d.set_defaults(func=run_bench_drift)
+    w = sub.add_parser("audio-window", help="streaming audio features vs whole-utterance encoding")
+    common(w)
+    w.add_argument("--windows", nargs="+", default=[25, 50, 60, 100, 200], help="window lengths in frames")
+    w.add_argument("--lookaheads", nargs="+", default=[0, 10, 25, 50], help="avatar look-ahead in frames")
+    w.set_defaults(func=run_bench_audio_window)

@@ -24,6 +24,7 @@ from ..avatar_forcing import AvatarForcing
 from ..media.image import to_model_input, to_uint8
 from ..motion_autoencoder import PortraitCode
 from ..sampler import Conditions, GuidedSampler, NoiseFn
+from .drift import PoseAnchor, PoseAnchorSettings
 from .inputs import BlockRequest, LiveInputs, LiveSettings, PrecomputedInputs
 from .kv_pool import KVCachePool, PoolFullError
 from .portraits import PortraitCache
@@ -37,9 +38,13 @@ class EngineSettings:
     max_sessions: int = 16
     live: LiveSettings = field(default_factory=LiveSettings)
     decode: bool = True
-    decode_chunk: int = 10
-    motion_chunk: int = 64
+    # Frames per encoder / decoder call. None: 10 on a CPU (cache-sized activations measured fastest
+    # there, see `bench engine`), 128 on a GPU (bigger batches fill it).
+    decode_chunk: int | None = None
+    motion_chunk: int | None = None
     batching: bool = True  # False steps due sessions one at a time (the baseline of the benchmark)
+    record_conditions: bool = False  # attach each block's conditions to its output (measurements, debugging)
+    pose_anchor: PoseAnchorSettings | None = None  # optional drift control (off: the reference's outputs)
     portrait_cache: int = 32
 
 
@@ -81,10 +86,13 @@ class StreamingEngine:
         self.fps = cfg.fps
         self.samples_per_frame = cfg.audio.samples_per_frame
         self.live_settings = replace(self.settings.live, fps=cfg.fps, sample_rate=cfg.sampling_rate,
-                                     context_frames=self.tcfg.context_frames)
+                                     context_frames=self.tcfg.context_frames, frame_size=cfg.motion.input_size)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.sampler = GuidedSampler(model.flow_transformer, cfg.sampler)
+        default_chunk = 10 if self.device.type == "cpu" else 128
+        self.motion_chunk = self.settings.motion_chunk or default_chunk
+        self.decode_chunk = self.settings.decode_chunk or default_chunk
         self.pool = KVCachePool(self.tcfg, self.settings.max_sessions, self.device, self.dtype)
         self.portraits = PortraitCache(model.motion_autoencoder, self.settings.portrait_cache)
         self.sessions: dict[str, Session] = {}
@@ -189,6 +197,8 @@ class StreamingEngine:
             offsets = torch.tensor([[s.position_offset] for s in sessions], device=self.device)
             positions = torch.stack([torch.arange(d.start, d.stop, device=self.device) for d in group]) - offsets
             x = self.sampler.denoise(x, num_context, cond3, r_s, positions, past)
+            if self.settings.pose_anchor is not None and not priming:
+                x = self._anchor(sessions, x, num_context)
 
         with timer("cache_update"):
             fresh = self.sampler.clean_pass(x, cond3, r_s, positions, past)
@@ -210,12 +220,13 @@ class StreamingEngine:
             if self.settings.decode:
                 with timer("decode"):
                     frames = to_uint8(self.model.motion_autoencoder.decode_frames(
-                        session.portrait, latents, chunk=self.settings.decode_chunk))
+                        session.portrait, latents, chunk=self.decode_chunk))
             outputs.append(BlockOutput(
                 session_id=session.id, index=session.blocks_done, first_frame=first, latents=latents,
                 frames=frames, audio=session.inputs.avatar_audio(first, first + count),
                 lead_in=first + count <= session.inputs.origin, ready_at=due.ready_at, done_at=0.0,
                 timings=timer.seconds, batch_size=b,
+                conditions=cond.rows(row, num_context, num_context + count) if self.settings.record_conditions else None,
             ))
             session.blocks_done += 1
         done = self.clock()
@@ -261,8 +272,8 @@ class StreamingEngine:
                     image = s.inputs.frames.image(fid)
                     if image is not None:
                         todo.append((s, fid, image))
-        for i in range(0, len(todo), self.settings.motion_chunk):
-            chunk = todo[i:i + self.settings.motion_chunk]
+        for i in range(0, len(todo), self.motion_chunk):
+            chunk = todo[i:i + self.motion_chunk]
             pixels = to_model_input(np.stack([img for _, _, img in chunk])).to(self.device, self.dtype)
             for (s, fid, _), latent in zip(chunk, mae.encode_motion(pixels)):
                 s.remember_motion(fid, latent)
@@ -271,6 +282,16 @@ class StreamingEngine:
             torch.stack([s.motion_latents.get(fid, zero) if fid is not None else zero for fid in r.live.frame_ids])
             for s, r in zip(sessions, requests)
         ])
+
+    def _anchor(self, sessions: list[Session], x: torch.Tensor, num_context: int) -> torch.Tensor:
+        """Pull each row's new frames towards its portrait's pose (before they are cached and shown)."""
+        rows = []
+        for row, s in enumerate(sessions):
+            if s.anchor is None:
+                s.anchor = PoseAnchor(self.settings.pose_anchor)
+            new = s.anchor.apply(x[row, num_context:], s.portrait.r_s[0])
+            rows.append(torch.cat([x[row, :num_context], new]))
+        return torch.stack(rows)
 
     # -- positions ----------------------------------------------------------------------------------------
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..media.audio import StreamingResampler, pcm16_to_float
+from ..media.face import FaceDetector, FaceTracker
 from ..sampler import Conditions
 from .timeline import AudioTrack, FrameTrack, StreamingNormalizer
 
@@ -74,19 +76,29 @@ class LiveSettings:
     fps: int = 25
     sample_rate: int = 16000
     window_frames: int = 60  # wav2vec2 context per block (2.4 s)
-    avatar_lookahead_frames: int = 10  # queued speech past the block may inform its features
+    avatar_lookahead_frames: int = 25  # queued speech past the block may inform its features (free: the
+                                       # 60-frame window already covers 12 + 25 frames)
     lead_in_frames: int = 50  # silent priming window; input time 0 lands here
     max_wait_frames: int = 5  # a block waits this long past its end for late microphone audio
     motion_hold_s: float = 1.0  # a webcam frame stands in for missing ones this long
     avatar_fixed_std: float | None = None  # fix the avatar speech normalisation (TTS at a known level)
     context_frames: int = 2
+    frame_size: int = 512  # face crops are resized to the model's input size
+    normalize: bool = True  # False: the pushed audio is already normalised (measurements)
 
 
 class LiveInputs:
-    """Inputs of a live session, on the session's frame axis."""
+    """Inputs of a live session, on the session's frame axis.
 
-    def __init__(self, settings: LiveSettings):
+    Pushes may come from different threads (one per stream); each stream keeps its own resampler, and the
+    webcam stream its own face tracker (detection is CPU work in the pushing thread, never in the engine).
+    """
+
+    def __init__(self, settings: LiveSettings, detector: FaceDetector | None = None):
         self.s = settings
+        self._speech_resampler: StreamingResampler | None = None
+        self._mic_resampler: StreamingResampler | None = None
+        self.tracker = FaceTracker(detector or FaceDetector(), size=settings.frame_size)
         self.spf = settings.sample_rate // settings.fps
         self.origin = settings.lead_in_frames
         self.total_frames: int | None = None
@@ -100,8 +112,20 @@ class LiveInputs:
 
     # -- pushes (any thread) ------------------------------------------------------------------------------
 
-    def push_speech(self, pcm: np.ndarray) -> int:
-        """Queue avatar speech (model rate) to play after what is queued; returns its first frame."""
+    def _resampled(self, pcm: np.ndarray, rate: int | None, which: str) -> np.ndarray:
+        """PCM (float32 or int16, mono) at `rate` -> float32 at the model's rate."""
+        if rate is None or rate == self.s.sample_rate:
+            return pcm16_to_float(pcm) if pcm.dtype == np.int16 else np.asarray(pcm, dtype=np.float32)
+        attr = f"_{which}_resampler"
+        resampler = getattr(self, attr)
+        if resampler is None or resampler.in_rate != rate:
+            resampler = StreamingResampler(rate, self.s.sample_rate)
+            setattr(self, attr, resampler)
+        return resampler.push(pcm)
+
+    def push_speech(self, pcm: np.ndarray, sample_rate: int | None = None) -> int:
+        """Queue avatar speech to play after what is queued; returns the frame it starts at."""
+        pcm = self._resampled(pcm, sample_rate, "speech")
         start = max(self.avatar.end, self.next_frame * self.spf, self.origin * self.spf)
         self.avatar.write(start, pcm)
         return start // self.spf
@@ -113,15 +137,20 @@ class LiveInputs:
     def queued_speech_frames(self) -> int:
         return max(0, math.ceil(self.avatar.end / self.spf) - self.next_frame)
 
-    def push_user_audio(self, pcm: np.ndarray, time_s: float | None) -> None:
-        """Microphone PCM (model rate) captured at time_s on the session clock (None: right after the last)."""
+    def push_user_audio(self, pcm: np.ndarray, time_s: float | None = None, sample_rate: int | None = None) -> None:
+        """Microphone PCM captured at time_s on the session clock (None: right after the last chunk)."""
+        pcm = self._resampled(pcm, sample_rate, "mic")
         if time_s is None:
             self.user.append(pcm)
         else:
             self.user.write(self.origin * self.spf + int(round(time_s * self.s.sample_rate)), pcm)
 
-    def push_user_frame(self, crop: np.ndarray, time_s: float) -> None:
-        """A face crop (already model-sized) captured at time_s on the session clock."""
+    def push_user_frame(self, rgb: np.ndarray, time_s: float) -> None:
+        """A webcam frame (RGB uint8, any size) captured at time_s on the session clock."""
+        self.frames.push(self.tracker.crop(rgb), time_s)
+
+    def push_user_crop(self, crop: np.ndarray, time_s: float) -> None:
+        """A face crop already at the model's input size (skips face tracking)."""
         self.frames.push(crop, time_s)
 
     # -- engine side --------------------------------------------------------------------------------------
@@ -133,12 +162,16 @@ class LiveInputs:
         return max(covered, waited, self.origin)
 
     def request(self, start: int, stop: int) -> BlockRequest:
-        w = self.s.window_frames
+        # Long enough to cover the span even when the avatar window slides ahead into queued speech; the
+        # same for both tracks (and every session) so the engine encodes them in one batch.
+        w = max(self.s.window_frames, stop - start + self.s.avatar_lookahead_frames)
         lookahead = min(self.s.avatar_lookahead_frames, max(0, math.ceil(self.avatar.end / self.spf) - stop))
         user_first, avatar_first = stop - w, stop + lookahead - w
         self._advance_normalizers(stop)
-        avatar = self.avatar_norm(self.avatar.read(avatar_first * self.spf, (avatar_first + w) * self.spf))
-        user = self.user_norm(self.user.read(user_first * self.spf, stop * self.spf))
+        avatar = self.avatar.read(avatar_first * self.spf, (avatar_first + w) * self.spf)
+        user = self.user.read(user_first * self.spf, stop * self.spf)
+        if self.s.normalize:
+            avatar, user = self.avatar_norm(avatar), self.user_norm(user)
         ids = [self.frames.slot(f - self.origin).frame_id if f >= self.origin else None for f in range(start, stop)]
         return BlockRequest(start, stop, live=LiveWindows(user_first, avatar, user, avatar_first, ids))
 

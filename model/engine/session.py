@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 from ..motion_autoencoder import PortraitCode
-from ..sampler import NoiseFn
+from ..sampler import Conditions, NoiseFn
+from .drift import PoseAnchor
 from .inputs import LiveInputs, PrecomputedInputs
 
 
@@ -32,6 +33,7 @@ class BlockOutput:
     done_at: float  # clock time at which the outputs were ready
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, shared by the batch
     batch_size: int = 1
+    conditions: Conditions | None = None  # the new frames' conditions, when the engine records them
 
 
 @dataclass
@@ -49,6 +51,7 @@ class Session:
     context: torch.Tensor | None = None  # [1, context_frames, dim_w] clean latents re-fed next block
     motion_latents: OrderedDict = field(default_factory=OrderedDict)  # webcam frame id -> [dim_w] latent
     late_blocks: int = 0
+    anchor: PoseAnchor | None = None  # drift control state, when enabled
 
     @property
     def finished(self) -> bool:

@@ -1,0 +1,294 @@
+"""The streaming engine with live inputs: batching, rebasing, the cache pool, and imperfect input."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from golden_data import golden_folders, relative_l2
+from model.avatar_forcing import build_model
+from model.config import from_golden_dir
+from model.engine import EngineSettings, LiveSettings, PoolFullError, StreamingEngine
+from model.engine.clock import TimestampMapper
+
+FOLDER = next((f for f in golden_folders() if (f / "small_config.json").exists()), None)
+pytestmark = pytest.mark.skipif(FOLDER is None, reason="needs a golden folder for the small configuration")
+FPS, SR, SPF = 25, 16000, 640
+
+
+def small_model(rope_positions: int | None = None):
+    cfg = from_golden_dir(FOLDER)
+    if rope_positions:
+        cfg = dataclasses.replace(cfg, transformer=dataclasses.replace(cfg.transformer,
+                                                                       rope_max_positions=rope_positions))
+    model = build_model(cfg)
+    strong = FOLDER / "strong" / "small_weights.safetensors"
+    model.load_state_dict(load_file(str(strong if strong.exists() else FOLDER / "small_weights.safetensors")))
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return small_model()
+
+
+def speechlike(seconds: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    n = int(seconds * SR)
+    t = np.arange(n) / SR
+    envelope = (np.sin(2 * np.pi * (2 + seed) * t) > -0.2).astype(np.float32)
+    return (rng.standard_normal(n) * 0.05 * envelope).astype(np.float32)
+
+
+def faces(seconds: float, size: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(100 + seed)
+    return rng.integers(0, 255, (int(seconds * FPS), size, size, 3), dtype=np.uint8)
+
+
+def feed(session, seconds: float, seed: int, size: int) -> None:
+    session.inputs.push_speech(speechlike(seconds, seed))
+    session.inputs.push_user_audio(speechlike(seconds, seed + 7), 0.0)
+    for j, crop in enumerate(faces(seconds, size, seed)):
+        session.inputs.push_user_crop(crop, j / FPS)
+
+
+def portrait(size: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)
+
+
+# -- batching ----------------------------------------------------------------------------------------------
+
+LATE = 1e6  # a clock far past every block's deadline: every open session is due at every step
+
+
+def test_batched_steps_equal_each_session_alone(model):
+    """Sessions join and leave between steps; every block of every session equals that session run alone."""
+    size = model.config.motion.input_size
+    plan = {"a": (0, 7), "b": (2, 9), "c": (3, 6)}  # session -> (step it opens before, step it closes after)
+    engine = StreamingEngine(model, EngineSettings(max_sessions=3, decode=False))
+    batched: dict[str, list[torch.Tensor]] = {k: [] for k in plan}
+    seeds = {"a": 1, "b": 2, "c": 3}
+    mixed_positions = False
+    for step in range(10):
+        for sid, (start, _) in plan.items():
+            if step == start:
+                feed(engine.open_session(portrait(size, seeds[sid]), seed=seeds[sid], session_id=sid, now=0.0),
+                     8.0, seeds[sid], size)
+        outputs = engine.step(now=LATE)
+        if len({o.first_frame for o in outputs}) > 1:
+            mixed_positions = True
+        for out in outputs:
+            batched[out.session_id].append(out.latents)
+        for sid, (_, stop) in plan.items():
+            if step == stop and sid in engine.sessions:
+                engine.close_session(sid)
+    assert mixed_positions, "no step mixed sessions at different positions"
+    assert engine.capacity_left == 3
+
+    for sid, blocks in batched.items():
+        alone = StreamingEngine(model, EngineSettings(max_sessions=1, decode=False))
+        feed(alone.open_session(portrait(size, seeds[sid]), seed=seeds[sid], session_id=sid, now=0.0),
+             8.0, seeds[sid], size)
+        for i, expected in enumerate(blocks):
+            (out,) = alone.step(now=LATE)
+            assert relative_l2(out.latents, expected) < 1e-5, f"session {sid} block {i}"
+
+
+def test_session_replays_exactly_with_its_seed(model):
+    size = model.config.motion.input_size
+
+    def run(seed):
+        engine = StreamingEngine(model, EngineSettings(max_sessions=1))
+        feed(engine.open_session(portrait(size, 0), seed=seed, now=0.0), 3.0, 0, size)
+        return [engine.step(now=LATE)[0] for _ in range(3)]
+
+    a, b, c = run(11), run(11), run(12)
+    assert all(np.array_equal(x.frames, y.frames) for x, y in zip(a, b))
+    assert not np.array_equal(a[-1].frames, c[-1].frames)
+    assert a[0].frames.shape == (50, size, size, 3) and a[1].frames.shape == (10, size, size, 3)
+
+
+# -- unbounded sessions ------------------------------------------------------------------------------------
+
+
+def test_rebased_session_equals_unrebased_run():
+    """A 128-position table forces rebasing every few blocks; a 4096 one never does. Same outputs."""
+    size = None
+    outs = {}
+    for positions in (128, 4096):
+        m = small_model(positions)
+        size = m.config.motion.input_size
+        engine = StreamingEngine(m, EngineSettings(max_sessions=1, decode=False))
+        session = engine.open_session(portrait(size, 5), seed=5, now=0.0)
+        feed(session, 12.0, 5, size)
+        outs[positions] = torch.cat([engine.step(now=LATE)[0].latents for _ in range(26)])
+        if positions == 128:
+            assert session.position_offset > 0, "the short table never rebased"
+    assert outs[128].shape[0] == 50 + 25 * 10
+    assert relative_l2(outs[128], outs[4096]) < 1e-5
+
+
+# -- the cache pool ----------------------------------------------------------------------------------------
+
+
+def test_pool_capacity_and_slot_reuse(model):
+    size = model.config.motion.input_size
+    engine = StreamingEngine(model, EngineSettings(max_sessions=2, decode=False))
+    a = engine.open_session(portrait(size, 1), now=0.0)
+    engine.open_session(portrait(size, 2), now=0.0)
+    with pytest.raises(PoolFullError):
+        engine.open_session(portrait(size, 3), now=0.0)
+    engine.close_session(a.id)
+    c = engine.open_session(portrait(size, 3), now=0.0)
+    assert c.slot == a.slot
+    assert engine.portraits.misses == 3  # one encoding per distinct portrait
+    engine.open_session(portrait(size, 3), now=0.0) if engine.capacity_left else None
+    assert engine.capacity_left == 0
+
+
+# -- imperfect input is normal -----------------------------------------------------------------------------
+
+
+def test_silent_session_keeps_to_its_schedule(model):
+    """No microphone, no camera, no speech: blocks still come, once the late-input wait has passed."""
+    size = model.config.motion.input_size
+    engine = StreamingEngine(model, EngineSettings(max_sessions=1, decode=False))
+    session = engine.open_session(portrait(size, 1), now=0.0)
+    assert [o.first_frame for o in engine.step(now=0.0)] == [0]  # the silent lead-in primes at once
+    wait = engine.live_settings.max_wait_frames / FPS
+    assert engine.step(now=0.4 + wait - 0.01) == []
+    (block,) = engine.step(now=0.4 + wait + 0.001)
+    assert block.first_frame == 50 and not block.lead_in
+    assert np.all(block.audio == 0)
+    assert session.inputs.frames.slot(0).frame_id is None
+
+
+def test_microphone_audio_makes_blocks_due_without_waiting(model):
+    size = model.config.motion.input_size
+    engine = StreamingEngine(model, EngineSettings(max_sessions=1, decode=False))
+    session = engine.open_session(portrait(size, 1), now=0.0)
+    engine.step(now=0.0)
+    session.inputs.push_user_audio(speechlike(0.4, 1), 0.0)
+    assert [o.first_frame for o in engine.step(now=0.41)] == [50]
+
+
+def test_late_and_bursty_audio(model):
+    size = model.config.motion.input_size
+    engine = StreamingEngine(model, EngineSettings(max_sessions=1, decode=False))
+    session = engine.open_session(portrait(size, 1), now=0.0)
+    engine.step(now=0.0)
+    engine.step(now=1.0)  # frames 50-59 (input 0-0.4 s) given up on: generated from silence
+    session.inputs.push_user_audio(speechlike(0.4, 1), 0.0)  # arrives too late for its block
+    assert session.inputs.user.dropped_samples == int(0.4 * SR)
+    # A burst covering 3 s arrives at once: one block per step, in order, no error.
+    session.inputs.push_user_audio(speechlike(3.0, 2), 0.4)
+    firsts = [o.first_frame for _ in range(4) for o in engine.step(now=1.0)]
+    assert firsts == [60, 70, 80, 90]
+
+
+def test_missing_webcam_frames_hold_then_go_null(model):
+    size = model.config.motion.input_size
+    settings = EngineSettings(max_sessions=1, decode=False, live=LiveSettings(motion_hold_s=0.4))
+    engine = StreamingEngine(model, settings)
+    session = engine.open_session(portrait(size, 1), now=0.0)
+    for j, crop in enumerate(faces(0.2, size, 1)):  # 5 frames, then the camera stalls
+        session.inputs.push_user_crop(crop, j / FPS)
+    frames = session.inputs.frames
+    assert frames.slot(4).frame_id is not None
+    assert frames.slot(12).frame_id == frames.slot(4).frame_id  # held
+    assert frames.slot(30).frame_id is None  # too old: null motion
+
+
+def test_speech_at_any_rate_and_barge_in(model):
+    size = model.config.motion.input_size
+    engine = StreamingEngine(model, EngineSettings(max_sessions=1, decode=False))
+    session = engine.open_session(portrait(size, 1), now=0.0)
+    engine.step(now=0.0)
+    tone = (0.3 * np.sin(2 * np.pi * 300 * np.arange(48000 * 2) / 48000)).astype(np.float32)  # 2 s at 48 kHz
+    first = session.inputs.push_speech(tone, sample_rate=48000)
+    assert first == 50  # speech starts at the first frame not generated yet
+    (block,) = engine.step(now=1.0)
+    spectrum = np.abs(np.fft.rfft(block.audio))
+    assert abs(np.argmax(spectrum) * SR / len(block.audio) - 300) < 5
+    assert 0.15 < np.abs(block.audio).max() < 0.35
+    assert session.inputs.queued_speech_frames() == 40
+    session.inputs.interrupt()
+    assert session.inputs.queued_speech_frames() == 0
+    (after,) = engine.step(now=2.0)
+    assert np.all(after.audio == 0)
+
+
+def test_long_live_session_memory_is_bounded(model):
+    size = model.config.motion.input_size
+    engine = StreamingEngine(model, EngineSettings(max_sessions=1, decode=False))
+    session = engine.open_session(portrait(size, 1), now=0.0)
+    engine.step(now=0.0)
+    sizes = []
+    for b in range(40):
+        t = b * 0.4
+        session.inputs.push_user_audio(speechlike(0.4, b), t)
+        for j, crop in enumerate(faces(0.4, size, b)):
+            session.inputs.push_user_crop(crop, t + j / FPS)
+        assert len(engine.step(now=t + 0.4)) == 1
+        sizes.append((len(session.inputs.user._buf), len(session.inputs.frames._times), len(session.motion_latents)))
+    window = (engine.live_settings.window_frames + 16) * SPF
+    later = sizes[10:]
+    assert max(a for a, _, _ in later) <= 4 * window, "the microphone buffer keeps growing"
+    assert max(f for _, f, _ in later) <= 2 * engine.tcfg.block_tokens, "webcam frames are not released"
+    assert max(m for _, _, m in later) <= 64
+
+
+# -- clocks ------------------------------------------------------------------------------------------------
+
+
+def test_timestamp_mapper_follows_drift_and_ignores_jitter():
+    rng = np.random.default_rng(0)
+    mapper = TimestampMapper(window_s=5.0)
+    drift = 300e-6  # the sender's clock runs 300 ppm fast
+    errors = []
+    for i in range(3000):  # 60 s of 20 ms packets
+        true_time = i * 0.02
+        media = 1234.5 + true_time * (1 + drift)
+        arrival = true_time + 0.05 + abs(rng.normal(0, 0.02))  # transport delay plus jitter
+        mapped = mapper.map(media, arrival)
+        errors.append(mapped - (true_time + 0.05))
+    assert max(abs(e) for e in errors[-500:]) < 0.01
+    # A sender restart (timestamps jump) re-anchors at once.
+    mapped = mapper.map(0.0, 60.1)
+    assert abs(mapped - 60.1) < 0.01 and mapper.resets == 1
+
+
+# -- drift control -----------------------------------------------------------------------------------------
+
+
+def test_pose_anchor_only_acts_outside_its_band_and_is_bounded():
+    from model.engine.drift import PoseAnchor, PoseAnchorSettings
+
+    r_s = torch.tensor([3.0, 4.0])  # |r_s| = 5
+    anchor = PoseAnchor(PoseAnchorSettings(ema=1.0, deadband=0.25, gain=0.5, max_step=0.05))
+    near = r_s + torch.tensor([[1.0, 0.0]]).expand(10, 2)  # 1.0 <= 0.25 * 5: inside the band
+    assert torch.equal(anchor.apply(near, r_s), near)
+    far = r_s + torch.tensor([[4.0, 0.0]]).expand(10, 2)  # 4.0 - 1.25 = 2.75 excess
+    out = anchor.apply(far, r_s)
+    pull = (far - out)[:, 0]
+    assert torch.all(pull[1:] >= pull[:-1]), "the correction ramps in over the block"
+    assert abs(float(pull[-1]) - 0.05 * 5) < 1e-6, "bounded by max_step * |r_s|"
+    assert torch.all((far - out)[:, 1] == 0), "it pulls straight towards r_s"
+    assert anchor.corrections == 1
+
+
+def test_engine_with_pose_anchor_changes_only_streaming_blocks(model):
+    from model.engine import PoseAnchorSettings
+
+    size = model.config.motion.input_size
+    results = []
+    for anchor in (None, PoseAnchorSettings(deadband=0.0)):
+        engine = StreamingEngine(model, EngineSettings(max_sessions=1, decode=False, pose_anchor=anchor))
+        feed(engine.open_session(portrait(size, 1), seed=1, now=0.0), 2.0, 1, size)
+        results.append([engine.step(now=LATE)[0].latents for _ in range(3)])
+    assert torch.equal(results[0][0], results[1][0])  # priming is never anchored
+    assert not torch.equal(results[0][1], results[1][1])
