@@ -11,3 +11,7 @@ class MediaError(UserError):
 
 class WeightsError(UserError):
     """A checkpoint is missing, corrupted, or does not fit the model configuration."""
+
+
+class NoFaceError(MediaError):
+    """An image or video holds no face the detector can find."""

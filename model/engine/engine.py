@@ -45,6 +45,9 @@ class EngineSettings:
     batching: bool = True  # False steps due sessions one at a time (the baseline of the benchmark)
     record_conditions: bool = False  # attach each block's conditions to its output (measurements, debugging)
     pose_anchor: PoseAnchorSettings | None = None  # optional drift control (off: the reference's outputs)
+    # A live session's silent lead-in is mostly never shown (only its last moments play before the first
+    # streaming block): decode just its last N frames. None decodes all.
+    lead_in_frames_shown: int | None = None
     portrait_cache: int = 32
 
 
@@ -213,8 +216,11 @@ class StreamingEngine:
             if session.inputs.total_frames is not None:
                 count = min(count, session.inputs.total_frames - first)
             latents = new[row, :count]
+            shown = self.settings.lead_in_frames_shown
+            if shown is not None and first + count <= session.inputs.origin and count > shown:
+                first, count, latents = first + count - shown, shown, latents[count - shown:]
             session.context = x[row:row + 1, -c.context_frames:]
-            session.next_frame = first + new.shape[1]
+            session.next_frame = due.stop
             session.inputs.consumed(session.next_frame)
             frames = None
             if self.settings.decode:

@@ -135,7 +135,8 @@ class LiveInputs:
         self.avatar.truncate(self.next_frame * self.spf)
 
     def queued_speech_frames(self) -> int:
-        return max(0, math.ceil(self.avatar.end / self.spf) - self.next_frame)
+        """Frames of speech not generated yet (speech never starts inside the silent lead-in)."""
+        return max(0, math.ceil(self.avatar.end / self.spf) - max(self.next_frame, self.origin))
 
     def push_user_audio(self, pcm: np.ndarray, time_s: float | None = None, sample_rate: int | None = None) -> None:
         """Microphone PCM captured at time_s on the session clock (None: right after the last chunk)."""

@@ -45,5 +45,8 @@ class PortraitCache:
             self._codes.popitem(last=False)
         return code
 
+    def clear(self) -> None:
+        self._codes.clear()
+
     def __len__(self) -> int:
         return len(self._codes)

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
-from avatar_forcing.errors import MediaError, UserError
+from avatar_forcing.errors import MediaError, NoFaceError, UserError
 from model.media.image import resize_square
 
 # Haar frontal-face cascades shipped in opencv-python-headless 4.x. Measured on the 396 frames of the
@@ -165,7 +165,7 @@ def crop_portrait(
     detector = detector or default_detector()
     boxes = detector.detect(rgb)
     if not boxes:
-        raise MediaError(
+        raise NoFaceError(
             "no face found in the portrait: use a frontal, well-lit photo with one face clearly visible "
             "(not in profile, not too small)"
         )
@@ -289,7 +289,7 @@ def fixed_crop_box(
     if shape is None:
         raise MediaError("the user video has no frames: record a non-empty video")
     if not found:
-        raise MediaError(
+        raise NoFaceError(
             "no face found in any frame of the user video: film a frontal, well-lit face that fills a good "
             "part of the picture"
         )
