@@ -18,17 +18,17 @@ $(STAMP): pyproject.toml scripts/install-system-deps.sh
 install: $(STAMP)
 
 test: install
-	$(PY) -m pytest
+	PYTHON=$(PY) scripts/run-tests.sh
 
-GOLDEN ?= ../shared/golden/avatar_forcing_ref_v1
-MEDIA ?= ../shared/media
+# The model to serve: AVATAR_FORCING_CONFIG / AVATAR_FORCING_WEIGHTS when set (official weights: see README);
+# otherwise, where the reference golden folder is beside the checkout, its small model with random weights.
+SMALL ?= ../shared/golden/avatar_forcing_ref_v1
 
-# Until the WebRTC server lands: the offline demo with the small reference configuration.
 serve: install
-	mkdir -p out
-	$(VENV)/bin/avatar-forcing generate --config $(GOLDEN) --weights $(GOLDEN)/small_weights.safetensors \
-		--avatar-image $(MEDIA)/rumi.jpg --avatar-audio $(MEDIA)/avatar.wav --user-video $(MEDIA)/user.mp4 \
-		-o out/demo.mp4
+	@if [ -z "$$AVATAR_FORCING_CONFIG$$AVATAR_FORCING_WEIGHTS" ] && [ -f "$(SMALL)/small_config.json" ]; then \
+		echo "make serve: no model configured; serving the small reference model (random weights) from $(SMALL)"; \
+		export AVATAR_FORCING_CONFIG="$(SMALL)" AVATAR_FORCING_WEIGHTS="$(SMALL)/small_weights.safetensors"; \
+	fi; exec $(VENV)/bin/avatar-forcing serve
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -15,11 +15,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     from model.generate import add_generate_command
     from model.bench import add_bench_command
+    from server.cli import add_serve_command
+    from server.loadtest import add_loadtest_command
     from weights.cli import add_weights_command
 
+    add_serve_command(sub)
     add_generate_command(sub)
     add_weights_command(sub)
     add_bench_command(sub)
+    add_loadtest_command(sub)
     return parser
 
 

@@ -2,7 +2,9 @@
 # Debian packages the project needs at run or test time. Installs only what is missing (needs root then).
 set -euo pipefail
 
-REQUIRED=()
+# chromium + chromium-driver: the browser test; prometheus: promtool and a real scrape in tests;
+# iproute2: private network namespaces for WebRTC tests; espeak-ng: the built-in test phrase.
+REQUIRED=(chromium chromium-driver prometheus iproute2 espeak-ng)
 
 missing=()
 for pkg in "${REQUIRED[@]}"; do

@@ -1,0 +1,455 @@
+"""HTTP and WebSocket routes (docs/api.md describes them for client developers)."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from collections import deque
+import json
+import time
+from dataclasses import dataclass
+from concurrent.futures import Executor
+from pathlib import Path
+
+import numpy as np
+from fastapi import APIRouter, Depends, Request, Response, WebSocket, WebSocketDisconnect
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field, ValidationError
+
+from avatar_forcing.errors import MediaError, NoFaceError
+from model.media.audio import StreamingResampler
+
+from .avatars import Avatar, AvatarStore
+from .config import ServerSettings
+from .errors import ApiError, error_response
+from .metrics import ServerMetrics
+from .sessions import SessionManager
+from .speech import parse_sample_rate, pcm16_message, test_phrase, wav_body
+from .turn import ice_servers
+from .worker import ModelWorker
+
+WEB_DIR = Path(__file__).parent / "web"
+IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "application/octet-stream")
+WAV_TYPES = ("audio/wav", "audio/x-wav", "audio/wave", "audio/vnd.wave", "application/octet-stream")
+MAX_SDP_BYTES = 64 * 1024
+MAX_WS_MESSAGE_BYTES = 1 << 20
+
+
+@dataclass
+class AppContext:
+    settings: ServerSettings
+    metrics: ServerMetrics
+    worker: ModelWorker
+    sessions: SessionManager
+    avatars: AvatarStore
+    executor: Executor
+    sample_rate: int
+    loop_lag_s: float = 0.0
+
+
+def ctx_of(request: Request) -> AppContext:
+    return request.app.state.ctx
+
+
+# -- schemas ------------------------------------------------------------------------------------------------
+
+
+class SessionOptions(BaseModel):
+    seed: int | None = Field(None, description="noise seed; the same seed and inputs replay the same avatar")
+
+
+class SessionOffer(BaseModel):
+    sdp: str = Field(..., description="the client's SDP offer")
+    type: str = Field("offer", description="must be 'offer'")
+    avatar_id: str = Field(..., description="id from POST /v1/avatars")
+    options: SessionOptions = Field(default_factory=SessionOptions)
+
+
+class SessionAnswer(BaseModel):
+    session_id: str
+    sdp: str
+    type: str = "answer"
+
+
+class AvatarCreated(BaseModel):
+    avatar_id: str
+    width: int
+    height: int
+
+
+class AvatarInfo(BaseModel):
+    avatar_id: str
+    created_at: float
+
+
+class AvatarList(BaseModel):
+    avatars: list[AvatarInfo]
+
+
+class SpeechQueued(BaseModel):
+    queued_seconds: float
+    starts_in_seconds: float
+
+
+class Interrupted(BaseModel):
+    dropped_seconds: float
+
+
+class IceServers(BaseModel):
+    ice_servers: list[dict]
+    ttl_seconds: int
+
+
+class ErrorBody(BaseModel):
+    status: int
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 415, 422, 503)}
+
+
+# -- helpers ------------------------------------------------------------------------------------------------
+
+
+def _token_ok(settings: ServerSettings, presented: str | None) -> bool:
+    return settings.auth_token is None or (
+        presented is not None and hmac.compare_digest(presented.encode(), settings.auth_token.encode()))
+
+
+def require_auth(request: Request) -> None:
+    header = request.headers.get("authorization", "")
+    token = header[7:] if header.lower().startswith("bearer ") else None
+    if not _token_ok(ctx_of(request).settings, token):
+        raise ApiError(401, "unauthorized", "missing or wrong bearer token: send 'Authorization: Bearer <token>'",
+                       {"WWW-Authenticate": "Bearer"})
+
+
+def media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+async def read_body(request: Request, limit: int, what: str) -> bytes:
+    """The whole body, refusing more than `limit` bytes before reading it where the size is declared."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, "too_large", f"{what} of {int(declared)} bytes is over the {limit}-byte limit")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, "too_large", f"{what} is over the {limit}-byte limit")
+    return bytes(body)
+
+
+async def read_upload(request: Request, field: str, types: tuple[str, ...], limit: int, what: str) -> bytes:
+    """A file as a raw body of one of `types`, or as field `field` of a multipart form."""
+    kind = media_type(request)
+    if kind == "multipart/form-data":
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit + 64 * 1024:
+            raise ApiError(413, "too_large", f"{what} is over the {limit}-byte limit")
+        form = await request.form(max_files=2, max_fields=8, max_part_size=limit)
+        upload = form.get(field)
+        if upload is None or isinstance(upload, str):
+            raise ApiError(400, "missing_file", f"the form has no file field {field!r}")
+        data = await upload.read()
+        if len(data) > limit:
+            raise ApiError(413, "too_large", f"{what} is over the {limit}-byte limit")
+        return data
+    if kind not in types:
+        raise ApiError(415, "unsupported_media_type", f"send {what} as {', '.join(types[:-1])} or as a "
+                                                      f"multipart/form-data field {field!r}; got {kind or 'none'}")
+    return await read_body(request, limit, what)
+
+
+async def in_thread(ctx: AppContext, fn, *args):
+    return await asyncio.get_running_loop().run_in_executor(ctx.executor, fn, *args)
+
+
+async def add_avatar(ctx: AppContext, data: bytes) -> Avatar:
+    """Find and crop the face (in a media thread); have the worker encode it now, not at session start."""
+    try:
+        avatar = await in_thread(ctx, ctx.avatars.add, data)
+    except NoFaceError as exc:
+        raise ApiError(422, "no_face", str(exc)) from None
+    except MediaError as exc:
+        raise ApiError(400, "not_an_image", str(exc)) from None
+    crop = avatar.crop
+    ctx.worker.submit(lambda engine: engine.portraits.get(crop))
+    return avatar
+
+
+def known_avatar(ctx: AppContext, avatar_id: str) -> Avatar:
+    avatar = ctx.avatars.get(avatar_id)
+    if avatar is None:
+        raise ApiError(404, "unknown_avatar", f"no avatar {avatar_id!r}: upload it with POST /v1/avatars")
+    return avatar
+
+
+def resample_whole(pcm: np.ndarray, rate: int, target: int) -> np.ndarray:
+    if rate == target:
+        return pcm.astype(np.float32)
+    r = StreamingResampler(rate, target)
+    return np.concatenate([r.push(pcm), r.flush()])
+
+
+def check_sdp(sdp: str) -> None:
+    """Cheap structural checks before aiortc sees the offer (it accepts some truncated ones)."""
+    if len(sdp.encode()) > MAX_SDP_BYTES:
+        raise ApiError(413, "too_large", f"the SDP offer is over {MAX_SDP_BYTES} bytes")
+    lines = [line.strip() for line in sdp.strip().splitlines()]
+    if not lines or lines[0] != "v=0":
+        raise ApiError(400, "bad_sdp", "the SDP offer must start with 'v=0'")
+    for needed in ("a=ice-ufrag:", "a=ice-pwd:", "a=fingerprint:"):
+        if not any(line.startswith(needed) for line in lines):
+            raise ApiError(400, "bad_sdp", f"the SDP offer has no '{needed}' line (truncated or not WebRTC)")
+
+
+# -- routes -------------------------------------------------------------------------------------------------
+
+public = APIRouter()
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_auth)], responses=ERRORS)
+
+
+@public.get("/", include_in_schema=False)
+async def index() -> FileResponse:
+    return FileResponse(WEB_DIR / "index.html", media_type="text/html")
+
+
+@public.get("/healthz", tags=["health"])
+async def healthz() -> dict:
+    return {"status": "ok"}
+
+
+@public.get("/readyz", tags=["health"], responses={503: {"description": "not ready"}})
+async def readyz(request: Request):
+    ctx = ctx_of(request)
+    if ctx.sessions.draining:
+        return JSONResponse({"status": "not_ready", "reason": "draining"}, 503)
+    if ctx.settings.overload_admission == "predict" and ctx.sessions.would_overload():
+        return JSONResponse({"status": "not_ready", "reason": "overloaded"}, 503)
+    if ctx.worker.error is not None:
+        return JSONResponse({"status": "not_ready", "reason": f"model failed to load: {ctx.worker.error}"}, 503)
+    if not ctx.worker.ready.is_set():
+        return JSONResponse({"status": "not_ready", "reason": "model loading"}, 503)
+    if ctx.sessions.free == 0:
+        return JSONResponse({"status": "not_ready", "reason": "at capacity", "capacity_free": 0}, 503)
+    return {"status": "ready", "capacity_free": ctx.sessions.free}
+
+
+@public.get("/metrics", tags=["health"], response_class=PlainTextResponse)
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(ctx_of(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@v1.post("/avatars", status_code=201, response_model=AvatarCreated, tags=["avatars"],
+         openapi_extra={"requestBody": {"content": {
+             "multipart/form-data": {"schema": {"type": "object", "properties": {
+                 "image": {"type": "string", "format": "binary"}}, "required": ["image"]}},
+             **{t: {"schema": {"type": "string", "format": "binary"}} for t in IMAGE_TYPES[:-1]}}}})
+async def create_avatar(request: Request) -> AvatarCreated:
+    ctx = ctx_of(request)
+    data = await read_upload(request, "image", IMAGE_TYPES, ctx.settings.max_upload_bytes, "the portrait")
+    avatar = await add_avatar(ctx, data)
+    return AvatarCreated(avatar_id=avatar.avatar_id, width=avatar.source_size[0], height=avatar.source_size[1])
+
+
+@v1.get("/avatars", response_model=AvatarList, tags=["avatars"])
+async def list_avatars(request: Request) -> AvatarList:
+    return AvatarList(avatars=[AvatarInfo(avatar_id=a.avatar_id, created_at=a.created_at)
+                               for a in ctx_of(request).avatars.list()])
+
+
+@v1.get("/avatars/{avatar_id}/image", tags=["avatars"], response_class=Response,
+        responses={200: {"content": {"image/jpeg": {}}}})
+async def avatar_image(avatar_id: str, request: Request) -> Response:
+    return Response(known_avatar(ctx_of(request), avatar_id).jpeg, media_type="image/jpeg")
+
+
+@v1.post("/sessions", status_code=201, response_model=SessionAnswer, tags=["sessions"],
+         openapi_extra={"requestBody": {"required": True, "content": {
+             "application/json": {"schema": {"$ref": "#/components/schemas/SessionOffer"}},
+             "multipart/form-data": {"schema": {"type": "object", "properties": {
+                 "sdp": {"type": "string"}, "type": {"type": "string"},
+                 "options": {"type": "string", "description": "SessionOptions as JSON"},
+                 "image": {"type": "string", "format": "binary"}}, "required": ["sdp", "image"]}}}}})
+async def create_session(request: Request) -> SessionAnswer:
+    ctx = ctx_of(request)
+    ctx.sessions.admit()  # before reading uploads or finding faces: a full server answers at once
+    kind = media_type(request)
+    if kind == "application/json":
+        raw = await read_body(request, MAX_SDP_BYTES + 4096, "the session request")
+        try:
+            offer = SessionOffer.model_validate_json(raw)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
+            raise ApiError(422, "invalid_request", f"the session request is not valid: {problems}") from None
+        avatar = known_avatar(ctx, offer.avatar_id)
+    elif kind == "multipart/form-data":
+        data = await read_upload(request, "image", IMAGE_TYPES, ctx.settings.max_upload_bytes, "the portrait")
+        form = await request.form()
+        try:
+            options = SessionOptions.model_validate_json(form.get("options") or "{}")
+            offer = SessionOffer(sdp=str(form.get("sdp") or ""), type=str(form.get("type") or "offer"),
+                                 avatar_id="upload", options=options)
+        except ValidationError as exc:
+            raise ApiError(422, "invalid_request", f"the session form is not valid: {exc.errors()[0]['msg']}") from None
+        avatar = await add_avatar(ctx, data)
+    else:
+        raise ApiError(415, "unsupported_media_type", "send the session request as application/json (with "
+                                                      "avatar_id) or multipart/form-data (with an image)")
+    check_sdp(offer.sdp)
+    session, answer = await ctx.sessions.create(avatar, offer.sdp, offer.type, offer.options.seed)
+    return SessionAnswer(session_id=session.id, sdp=answer)
+
+
+@v1.get("/sessions/{session_id}", tags=["sessions"])
+async def get_session(session_id: str, request: Request) -> dict:
+    return ctx_of(request).sessions.describe(session_id)
+
+
+@v1.delete("/sessions/{session_id}", status_code=204, tags=["sessions"], response_class=Response)
+async def delete_session(session_id: str, request: Request) -> Response:
+    await ctx_of(request).sessions.close(session_id, "deleted")
+    return Response(status_code=204)
+
+
+@v1.post("/sessions/{session_id}/interrupt", response_model=Interrupted, tags=["speech"])
+async def interrupt(session_id: str, request: Request) -> Interrupted:
+    return Interrupted(dropped_seconds=round(ctx_of(request).sessions.get(session_id).interrupt(), 3))
+
+
+async def _queue_speech(ctx: AppContext, session_id: str, pcm: np.ndarray, rate: int) -> SpeechQueued:
+    seconds = len(pcm) / rate
+    if seconds > ctx.settings.max_speech_seconds:
+        raise ApiError(413, "too_large", f"{seconds:.1f} s of speech is over the "
+                                         f"{ctx.settings.max_speech_seconds:.0f} s limit per request")
+    pcm = await in_thread(ctx, resample_whole, pcm, rate, ctx.sample_rate)
+    session = ctx.sessions.get(session_id)  # again: it may have ended meanwhile
+    return SpeechQueued(**session.push_speech(pcm, ctx.sample_rate))
+
+
+@v1.post("/sessions/{session_id}/speech", status_code=202, response_model=SpeechQueued, tags=["speech"],
+         openapi_extra={"requestBody": {"required": True, "content": {
+             t: {"schema": {"type": "string", "format": "binary"}} for t in WAV_TYPES[:2]}}})
+async def post_speech(session_id: str, request: Request) -> SpeechQueued:
+    ctx = ctx_of(request)
+    ctx.sessions.get(session_id)
+    if media_type(request) not in WAV_TYPES:
+        raise ApiError(415, "unsupported_media_type", f"send a WAV file as audio/wav; got {media_type(request) or 'none'}")
+    data = await read_body(request, ctx.settings.max_upload_bytes, "the WAV file")
+    try:
+        pcm, rate = await in_thread(ctx, wav_body, data)
+    except MediaError as exc:
+        raise ApiError(400, "bad_wav", str(exc)) from None
+    return await _queue_speech(ctx, session_id, pcm, rate)
+
+
+@v1.post("/sessions/{session_id}/speech/test-phrase", status_code=202, response_model=SpeechQueued,
+         tags=["speech"])
+async def post_test_phrase(session_id: str, request: Request) -> SpeechQueued:
+    ctx = ctx_of(request)
+    ctx.sessions.get(session_id)
+    pcm, rate = await in_thread(ctx, test_phrase)
+    return await _queue_speech(ctx, session_id, pcm, rate)
+
+
+@v1.get("/ice-servers", response_model=IceServers, tags=["sessions"])
+async def get_ice_servers(request: Request) -> IceServers:
+    settings = ctx_of(request).settings
+    return IceServers(ice_servers=ice_servers(settings), ttl_seconds=settings.turn_ttl_s)
+
+
+# -- the speech stream --------------------------------------------------------------------------------------
+
+ws_router = APIRouter()
+
+
+@ws_router.websocket("/v1/sessions/{session_id}/speech")
+async def speech_stream(websocket: WebSocket, session_id: str):
+    ctx: AppContext = websocket.app.state.ctx
+    header = websocket.headers.get("authorization", "")
+    token = header[7:] if header.lower().startswith("bearer ") else websocket.query_params.get("token")
+    if not _token_ok(ctx.settings, token):
+        return await _deny(websocket, 401, "unauthorized", "missing or wrong token: pass ?token=<token>")
+    session = ctx.sessions.sessions.get(session_id)
+    if session is None:
+        return await _deny(websocket, 404, "unknown_session", f"no session {session_id!r} on this server")
+    try:
+        rate = parse_sample_rate(websocket.query_params.get("sample_rate"))
+    except ValueError as exc:
+        return await _deny(websocket, 400, "bad_sample_rate", str(exc))
+    await websocket.accept()
+    await websocket.send_json({"type": "ready", "sample_rate": rate})
+    try:
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            if session.state == "closed":
+                await _ws_error(websocket, 1000, "session_ended", "the session has ended")
+                return
+            if message.get("bytes") is not None:
+                data = message["bytes"]
+                if len(data) > MAX_WS_MESSAGE_BYTES:
+                    await _ws_error(websocket, 1009, "too_large",
+                                    f"a message is at most {MAX_WS_MESSAGE_BYTES} bytes; send smaller chunks")
+                    return
+                try:
+                    pcm = pcm16_message(data)
+                    queued = session.push_speech(pcm, rate)
+                except MediaError as exc:
+                    await _ws_error(websocket, 1003, "bad_pcm", str(exc))
+                    return
+                except ApiError as exc:
+                    await _ws_error(websocket, 1009, exc.code, exc.message)
+                    return
+                await websocket.send_json({"type": "queued", **queued})
+            elif message.get("text") is not None:
+                try:
+                    command = json.loads(message["text"])
+                except ValueError:
+                    command = None
+                if not isinstance(command, dict) or command.get("type") != "interrupt":
+                    await _ws_error(websocket, 1003, "bad_command",
+                                    'text messages are JSON commands: {"type": "interrupt"}; audio goes as binary')
+                    return
+                await websocket.send_json({"type": "interrupted", "dropped_seconds": round(session.interrupt(), 3)})
+    except WebSocketDisconnect:
+        return
+
+
+async def _deny(websocket: WebSocket, status: int, code: str, message: str) -> None:
+    await websocket.send_denial_response(error_response(status, code, message))
+
+
+async def _ws_error(websocket: WebSocket, close_code: int, code: str, message: str) -> None:
+    await websocket.send_json({"type": "error", "error": {"code": code, "message": message}})
+    await websocket.close(close_code)
+
+
+# -- event loop lag -----------------------------------------------------------------------------------------
+
+
+async def watch_loop_lag(ctx: AppContext, period: float = 0.05, window_s: float = 10.0) -> None:
+    """How late the loop wakes a sleeping task: the delay every other coroutine sees too."""
+    window: deque[tuple[float, float]] = deque()
+    while True:
+        t0 = time.perf_counter()
+        await asyncio.sleep(period)
+        lag = max(0.0, time.perf_counter() - t0 - period)
+        ctx.metrics.loop_lag.observe(lag)
+        now = time.monotonic()
+        window.append((now, lag))
+        while window[0][0] < now - window_s:
+            window.popleft()
+        lags = sorted(v for _, v in window)
+        for stat, q in (("p50", 0.5), ("p99", 0.99), ("max", 1.0)):
+            ctx.metrics.loop_lag_window.labels(stat).set(lags[min(len(lags) - 1, int(q * (len(lags) - 1)))])
+        ctx.loop_lag_s = lags[-1]

@@ -1,0 +1,104 @@
+"""Server settings, read from `AVATAR_FORCING_*` environment variables (README lists them all).
+
+Each field's environment variable is its name upper-cased with the prefix, e.g. `max_sessions` ->
+`AVATAR_FORCING_MAX_SESSIONS`. Lists are comma-separated.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+
+from avatar_forcing.errors import UserError
+
+ENV_PREFIX = "AVATAR_FORCING_"
+
+
+@dataclass
+class ServerSettings:
+    # Listening
+    host: str = "0.0.0.0"
+    port: int = 8080
+    # Model
+    config: str = "official"  # 'official' or a golden folder with small_config.json
+    weights: str | None = None  # directory / file / 'hub' (None: $AVATAR_FORCING_WEIGHTS is this field)
+    device: str = "auto"
+    max_sessions: int = 16
+    cpu_threads: int | None = None  # torch's CPU threads; default: all cores but one (kept for media work)
+    # Access
+    auth_token: str | None = None  # when set, every /v1 route needs "Authorization: Bearer <token>"
+    cors_origins: list[str] = field(default_factory=list)  # e.g. https://app.example.com; "*" for any
+    max_upload_bytes: int = 10 * 1024 * 1024  # portraits and WAV bodies
+    max_speech_seconds: float = 120.0  # one WAV upload / queued speech at most
+    max_avatars: int = 256  # uploaded portraits kept (least recently used are forgotten)
+    # Sessions
+    idle_timeout_s: float = 300.0  # no media from the client for this long ends a session
+    connect_timeout_s: float = 30.0  # ICE must connect within this
+    target_latency_s: float = 0.7  # input-to-playout delay the pacer aims for (block + compute + margin)
+    max_latency_s: float = 1.5  # late blocks raise the delay up to this
+    drain_timeout_s: float = 600.0  # on SIGTERM: refuse new sessions, let live ones finish for up to this
+    # "predict": refuse a session the measured worker load says would push everyone behind real time;
+    # "off": admit up to max_sessions regardless.
+    overload_admission: str = "predict"
+    # ICE / TURN
+    stun_urls: list[str] = field(default_factory=list)  # e.g. stun:stun.example.com:3478
+    turn_urls: list[str] = field(default_factory=list)  # e.g. turn:turn.example.com:3478?transport=udp
+    turn_secret: str | None = None  # coturn's static-auth-secret (use-auth-secret REST credentials)
+    turn_ttl_s: int = 3600
+    rtc_port_range: str | None = None  # e.g. "40000-40199": UDP ports for ICE host candidates
+    # Logging
+    log_format: str = "json"  # json or text
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if self.max_sessions < 1:
+            raise UserError("AVATAR_FORCING_MAX_SESSIONS must be at least 1")
+        if self.overload_admission not in ("predict", "off"):
+            raise UserError("AVATAR_FORCING_OVERLOAD_ADMISSION must be 'predict' or 'off'")
+        if self.log_format not in ("json", "text"):
+            raise UserError("AVATAR_FORCING_LOG_FORMAT must be 'json' or 'text'")
+        if self.turn_urls and not self.turn_secret:
+            raise UserError("AVATAR_FORCING_TURN_URLS needs AVATAR_FORCING_TURN_SECRET (coturn static-auth-secret)")
+        self.port_range()  # validate early
+
+    def port_range(self) -> tuple[int, int] | None:
+        if not self.rtc_port_range:
+            return None
+        try:
+            low, high = (int(p) for p in self.rtc_port_range.split("-"))
+        except ValueError:
+            raise UserError(f"AVATAR_FORCING_RTC_PORT_RANGE {self.rtc_port_range!r}: expected LOW-HIGH, "
+                            "e.g. 40000-40199") from None
+        if not 1024 <= low <= high <= 65535:
+            raise UserError(f"AVATAR_FORCING_RTC_PORT_RANGE {self.rtc_port_range!r}: ports must be 1024-65535")
+        return low, high
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> "ServerSettings":
+        env = os.environ if environ is None else environ
+        values = {}
+        for f in fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _parse(f.name, f.type, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    @classmethod
+    def env_names(cls) -> list[str]:
+        return [ENV_PREFIX + f.name.upper() for f in fields(cls)]
+
+
+def _parse(name: str, kind, raw: str):
+    kind = str(kind)
+    try:
+        if kind.startswith("list"):
+            return [x.strip() for x in raw.split(",") if x.strip()]
+        if kind.startswith("int"):
+            return int(raw)
+        if kind.startswith("float"):
+            return float(raw)
+    except ValueError:
+        raise UserError(f"{ENV_PREFIX}{name.upper()}={raw!r}: expected {kind.split(' ')[0]}") from None
+    return raw

@@ -1,0 +1,277 @@
+"""Pacing the avatar's video and audio out of one shared clock, so lips stay in sync for hours.
+
+Timeline. Session frame f was captured (as user input) at `origin_time + f / fps` and plays at that time
+plus `delay`. Both outgoing tracks tick on their own steady clocks (video: one frame every 40 ms with
+90 kHz pts; audio: 20 ms frames) and, at every tick, pick the content whose playout time is now. Because
+both map content through the same `delay`, the audio and the video of a frame leave together.
+
+Policy for late and stale content, stated:
+- A block that is not ready when its frames are due: the video repeats its last frame and the audio is
+  silent; neither advances, and the block's frames that are already stale when it arrives are skipped.
+  Every late block raises `delay` by its lateness plus one frame (up to `max_delay`), so a session whose
+  compute time grew stops stalling; after 20 s without a late block `delay` creeps back, a frame at a time.
+- Stale content is dropped video first: video more than half a frame behind its playout time is skipped
+  at once, audio only when more than 120 ms behind (a short audio gap is worse than a skipped frame).
+- Buffers are bounded: blocks older than both tracks' positions are released, and at most `max_blocks`
+  are kept (the oldest go first).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+
+import av
+import numpy as np
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from model.engine import BlockOutput
+
+VIDEO_CLOCK = 90000
+AUDIO_FRAME_S = 0.02
+AUDIO_STALE_S = 0.12
+
+
+class Playout:
+    def __init__(self, fps: int, sample_rate: int, frame_size: int, delay: float, max_delay: float,
+                 clock: Callable[[], float] = time.monotonic, max_blocks: int = 8):
+        self.fps, self.sample_rate, self.frame_size = fps, sample_rate, frame_size
+        self.spf = sample_rate // fps
+        self.delay, self.target_delay, self.max_delay = delay, delay, max_delay
+        self.clock = clock
+        self.max_blocks = max_blocks
+        self.origin_time: float | None = None  # set when the engine session opens
+        self.blocks: deque[BlockOutput] = deque()
+        self.video_next = 0  # next session frame to show
+        self.audio_next = 0  # next session audio sample to play
+        self.last_frame = np.zeros((frame_size, frame_size, 3), dtype=np.uint8)
+        self.last_late = -math.inf
+        self._last_relax = -math.inf
+        self._started = False
+        self.ended = False
+        self._new_block = asyncio.Event()
+        # Counters (read by the session's stats and the metrics).
+        self.late_blocks = 0
+        self.video_sent = self.video_repeated = self.video_dropped = 0
+        self.audio_sent = self.audio_silent = self.audio_dropped_s = 0.0
+        self.video_lag = self.audio_lag = 0.0  # how late the last content left vs its playout time
+
+    # -- timeline -------------------------------------------------------------------------------------------
+
+    def start(self, clock_start: float, origin_frame: int) -> None:
+        self.origin_time = clock_start - origin_frame / self.fps
+        if not self._started:
+            # Begin with whatever is playable now (the end of the silent lead-in), not frame 0.
+            first = max(0, math.ceil((self.clock() - self.origin_time - self.delay) * self.fps))
+            self.video_next = first
+            self.audio_next = first * self.spf
+            self._started = True
+
+    def playout_time(self, frame: float) -> float:
+        return self.origin_time + frame / self.fps + self.delay
+
+    def push(self, block: BlockOutput) -> bool:
+        """Add a generated block; returns True when it is late (its first frame was already due)."""
+        self.blocks.append(block)
+        while len(self.blocks) > self.max_blocks:
+            self.blocks.popleft()
+        self._new_block.set()
+        if self.origin_time is None:
+            return False
+        now = self.clock()
+        lateness = now - self.playout_time(block.first_frame)
+        if lateness <= 0 or block.lead_in:
+            self._relax(now)
+            return False
+        self.late_blocks += 1
+        self.last_late = now
+        self.delay = min(self.max_delay, self.delay + lateness + 1 / self.fps)
+        return True
+
+    def _relax(self, now: float) -> None:
+        if self.delay > self.target_delay and now - self.last_late > 20 and now - self._last_relax > 2:
+            self.delay = max(self.target_delay, self.delay - 1 / self.fps)
+            self._last_relax = now
+
+    def interrupt(self) -> float:
+        """Barge-in: silence speech already generated but not played yet; returns seconds silenced."""
+        silenced = 0
+        for block in self.blocks:
+            start = block.first_frame * self.spf
+            skip = max(0, self.audio_next - start)
+            if skip < len(block.audio) and np.any(block.audio[skip:]):
+                silenced += len(block.audio) - skip
+                block.audio = block.audio.copy()
+                block.audio[skip:] = 0
+        return silenced / self.sample_rate
+
+    def queued_frames(self) -> int:
+        return sum(len(b.latents) for b in self.blocks if b.first_frame + len(b.latents) > self.video_next)
+
+    def _release(self) -> None:
+        keep_from = min(self.video_next, self.audio_next // self.spf)
+        while self.blocks and self.blocks[0].first_frame + len(self.blocks[0].latents) <= keep_from:
+            self.blocks.popleft()
+
+    def _newest_frame_before(self, frame: int) -> np.ndarray | None:
+        for block in reversed(self.blocks):
+            if block.frames is not None and block.first_frame < frame:
+                return block.frames[min(frame, block.first_frame + len(block.frames)) - 1 - block.first_frame]
+        return None
+
+    def _block_of(self, frame: int) -> BlockOutput | None:
+        for block in self.blocks:
+            if block.first_frame <= frame < block.first_frame + len(block.latents):
+                return block
+        return None
+
+    # -- content at a tick ----------------------------------------------------------------------------------
+
+    def video_frame(self, tick: float) -> np.ndarray:
+        """The frame to send at this tick."""
+        if self.origin_time is None:
+            self.video_repeated += 1
+            return self.last_frame
+        due = self.playout_time(self.video_next)
+        if due < tick - 0.5 / self.fps:  # stale: skip to the frame playing now
+            target = math.floor((tick - self.origin_time - self.delay) * self.fps)
+            self.video_dropped += target - self.video_next
+            self.video_next = target
+            due = self.playout_time(self.video_next)
+        block = self._block_of(self.video_next) if due <= tick + 0.5 / self.fps else None
+        if block is None or block.frames is None:
+            # Ahead of time, or its block is late: hold the newest picture generated so far (never black
+            # once anything was generated).
+            newest = self._newest_frame_before(self.video_next)
+            if newest is not None:
+                self.last_frame = newest
+            self.video_repeated += 1
+            return self.last_frame
+        self.last_frame = block.frames[self.video_next - block.first_frame]
+        self.video_lag = tick - due
+        self.video_next += 1
+        self.video_sent += 1
+        self._release()
+        return self.last_frame
+
+    def audio_chunk(self, tick: float, samples: int) -> np.ndarray:
+        """The `samples` of audio (model rate) to send at this tick."""
+        silence = np.zeros(samples, dtype=np.float32)
+        if self.origin_time is None:
+            self.audio_silent += samples
+            return silence
+        due = self.playout_time(self.audio_next / self.spf)
+        if due < tick - AUDIO_STALE_S:
+            target = math.floor((tick - self.origin_time - self.delay) * self.sample_rate)
+            self.audio_dropped_s += (target - self.audio_next) / self.sample_rate
+            self.audio_next = target
+            due = self.playout_time(self.audio_next / self.spf)
+        if due > tick + AUDIO_FRAME_S / 2:
+            self.audio_silent += samples
+            return silence
+        out = np.zeros(samples, dtype=np.float32)
+        filled = 0
+        while filled < samples:
+            frame = (self.audio_next + filled) // self.spf
+            block = self._block_of(frame)
+            if block is None:
+                break
+            offset = self.audio_next + filled - block.first_frame * self.spf
+            take = min(samples - filled, len(block.audio) - offset)
+            out[filled:filled + take] = block.audio[offset:offset + take]
+            filled += take
+        if filled == 0:
+            self.audio_silent += samples
+            return silence  # the block is late: wait for it
+        self.audio_lag = tick - due
+        self.audio_next += samples
+        self.audio_sent += samples
+        self._release()
+        return out
+
+    def av_offset(self) -> float:
+        return abs(self.audio_lag - self.video_lag)
+
+
+class _PacedTrack(MediaStreamTrack):
+    """A track whose recv() returns one frame per tick of its own steady clock.
+
+    When recv() comes late (a busy loop, a slow encoder), video skips the missed ticks (its rate stays 25
+    fps and its timestamps stay true) while audio catches up by up to `max_catch_up` (a receiver's jitter
+    buffer absorbs a short burst of audio better than a gap).
+    """
+
+    period: float
+    max_catch_up: float
+
+    def __init__(self, playout: Playout, on_frame: Callable[[], None] | None = None):
+        super().__init__()
+        self.playout = playout
+        self.on_frame = on_frame
+        self._start: float | None = None
+        self._index = 0
+        self.skipped = 0
+
+    async def _next_tick(self) -> float:
+        if self.readyState != "live" or self.playout.ended:
+            raise MediaStreamError
+        clock = self.playout.clock
+        if self._start is None:
+            self._start = clock()
+        tick = self._start + self._index * self.period
+        wait = tick - clock()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        elif -wait > self.max_catch_up:
+            behind = int(-wait // self.period)
+            self._index += behind
+            self.skipped += behind
+            tick += behind * self.period
+        self._index += 1
+        return tick
+
+
+class AvatarVideoTrack(_PacedTrack):
+    kind = "video"
+    max_catch_up = 0.02  # half a frame: late ticks are skipped, never burst
+
+    def __init__(self, playout: Playout, on_frame=None):
+        super().__init__(playout, on_frame)
+        self.period = 1 / playout.fps
+        self._time_base = fractions.Fraction(1, VIDEO_CLOCK)
+
+    async def recv(self) -> av.VideoFrame:
+        tick = await self._next_tick()
+        frame = av.VideoFrame.from_ndarray(self.playout.video_frame(tick), format="rgb24")
+        frame.pts = (self._index - 1) * (VIDEO_CLOCK // self.playout.fps)
+        frame.time_base = self._time_base
+        if self.on_frame is not None:
+            self.on_frame()
+        return frame
+
+
+class AvatarAudioTrack(_PacedTrack):
+    kind = "audio"
+    max_catch_up = 0.2
+
+    def __init__(self, playout: Playout, on_frame=None):
+        super().__init__(playout, on_frame)
+        self.period = AUDIO_FRAME_S
+        self.samples = int(round(AUDIO_FRAME_S * playout.sample_rate))
+        self._time_base = fractions.Fraction(1, playout.sample_rate)
+
+    async def recv(self) -> av.AudioFrame:
+        tick = await self._next_tick()
+        pcm = self.playout.audio_chunk(tick, self.samples)
+        data = (np.clip(pcm, -1, 1) * 32767).astype(np.int16)[None, :]
+        frame = av.AudioFrame.from_ndarray(data, format="s16", layout="mono")
+        frame.sample_rate = self.playout.sample_rate
+        frame.pts = (self._index - 1) * self.samples
+        frame.time_base = self._time_base
+        if self.on_frame is not None:
+            self.on_frame()
+        return frame

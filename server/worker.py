@@ -1,0 +1,226 @@
+"""The model worker: one thread that owns the model, the streaming engine and its KV-cache pool.
+
+The event loop never waits for model work. It hands the worker small commands (open / close a session)
+and awaits their result as a future; the worker runs them between engine steps, steps every due session in
+one batch, and hands each block to its session's sink (which hops back onto the event loop). Input pushes
+go straight into the sessions' thread-safe inputs and `wake()` the worker so due blocks start at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from model.avatar_forcing import AvatarForcing
+from model.engine import BlockOutput, EngineSettings, StreamingEngine
+
+from .metrics import ServerMetrics
+
+log = logging.getLogger("avatar_forcing.server.worker")
+
+Sink = Callable[[BlockOutput], None]
+
+
+class ModelWorker:
+    def __init__(self, load_model: Callable[[], AvatarForcing], engine_settings: EngineSettings,
+                 metrics: ServerMetrics, warmup_blocks: int = 3, cpu_threads: int | None = None):
+        self._load_model = load_model
+        self._cpu_threads = cpu_threads
+        self._engine_settings = engine_settings
+        self._metrics = metrics
+        self._warmup_blocks = warmup_blocks
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._sinks: dict[str, Sink] = {}
+        self._thread = threading.Thread(target=self._run, name="model-worker", daemon=True)
+        self.engine: StreamingEngine | None = None
+        self._busy: deque[tuple[float, float]] = deque()  # (end, seconds) of recent steps
+        self.cost_first = self.cost_more = 0.0  # measured at warm-up: fractions of real time per session
+        self.ready = threading.Event()
+        self.error: BaseException | None = None
+        self.on_fatal: Callable[[BaseException], None] | None = None
+
+    # -- lifecycle (event loop side) ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def call(self, fn: Callable[[StreamingEngine], Any]) -> Any:
+        """Run fn(engine) on the worker thread between steps; await its result (or exception)."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+
+        def settle(ok: bool, value: Any) -> None:
+            if future.done():
+                return
+            future.set_result(value) if ok else future.set_exception(value)
+
+        def command(engine: StreamingEngine) -> None:
+            try:
+                result = fn(engine)
+            except BaseException as exc:  # handed to the awaiting coroutine
+                loop.call_soon_threadsafe(settle, False, exc)
+            else:
+                loop.call_soon_threadsafe(settle, True, result)
+
+        self._commands.put(command)
+        self._wake.set()
+        return await future
+
+    def submit(self, fn: Callable[[StreamingEngine], Any]) -> None:
+        """Fire and forget; errors are logged."""
+        self._commands.put(fn)
+        self._wake.set()
+
+    def set_sink(self, session_id: str, sink: Sink | None) -> None:
+        if sink is None:
+            self._sinks.pop(session_id, None)
+        else:
+            self._sinks[session_id] = sink
+
+    # -- the thread -----------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            t0 = time.perf_counter()
+            # Leave a core to the event loop and the codecs: torch's spinning worker threads otherwise
+            # fight them for it (measured on 2 cores: blocks 5-8x slower with 2 threads than with 1).
+            torch.set_num_threads(self._cpu_threads or max(1, (os.cpu_count() or 2) - 1))
+            model = self._load_model()
+            self.engine = StreamingEngine(model, self._engine_settings)
+            self._warm_up()
+            log.info("model ready in %.1f s (device %s, %d session slots, KV pool %.1f MiB)",
+                     time.perf_counter() - t0, self.engine.device, self.engine.pool.capacity,
+                     self.engine.pool.nbytes() / 2**20)
+        except BaseException as exc:
+            self.error = exc
+            log.error("the model could not be loaded: %s", exc)
+            if self.on_fatal is not None:
+                self.on_fatal(exc)
+            return
+        self._metrics.model_ready.set(1)
+        self.ready.set()
+        while not self._stopping:
+            self._run_commands()
+            if not self._step():
+                self._wake.wait(0.01)
+                self._wake.clear()
+        self._run_commands()  # closes queued at shutdown
+
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                command(self.engine)
+            except Exception:
+                log.exception("worker command failed")
+
+    def _step(self) -> bool:
+        engine = self.engine
+        t0 = time.perf_counter()
+        try:
+            outputs = engine.step()
+        except Exception:
+            # A failing step must not take the worker down; the sessions in it are ended by their owners.
+            log.exception("engine step failed")
+            return False
+        if not outputs:
+            return False
+        m = self._metrics
+        seconds = time.perf_counter() - t0
+        m.step_seconds.observe(seconds)
+        self._busy.append((time.monotonic(), seconds))
+        for timings, size in {id(o.timings): (o.timings, o.batch_size) for o in outputs}.values():
+            m.batch_size.observe(size)
+            for stage, seconds in timings.items():
+                m.stage_seconds.labels(stage).observe(seconds)
+        for out in outputs:
+            m.blocks.inc()
+            m.block_latency.observe(max(0.0, out.done_at - out.ready_at))
+            sink = self._sinks.get(out.session_id)
+            if sink is not None:
+                sink(out)
+        if engine.device.type == "cuda":
+            m.device_memory.labels("allocated").set(torch.cuda.memory_allocated(engine.device))
+            m.device_memory.labels("reserved").set(torch.cuda.memory_reserved(engine.device))
+        return True
+
+    def utilisation(self, window_s: float = 5.0) -> float:
+        """Share of the last `window_s` the worker spent stepping (1.0: no spare compute, behind real time)."""
+        now = time.monotonic()
+        while self._busy and self._busy[0][0] < now - window_s:
+            self._busy.popleft()
+        return min(1.0, sum(seconds for _, seconds in list(self._busy)) / window_s)
+
+    def _warm_up(self) -> None:
+        """Throwaway sessions, so the first real one does not pay for first-call allocations, and so the
+        cost of a session is known before any is live: one alone, then two together (the marginal cost
+        of another one under batching), as fractions of real time."""
+        engine = self.engine
+        cfg = engine.model.config
+        size = cfg.motion.input_size
+        rng = np.random.default_rng(0)
+        seconds = (2 + self._warmup_blocks * 2) * cfg.transformer.block_frames / cfg.fps + 2
+        block_s = cfg.transformer.block_frames / cfg.fps
+        opened = []
+
+        def add(name: str) -> None:
+            session = engine.open_session(rng.integers(0, 255, (size, size, 3), dtype=np.uint8), seed=0,
+                                          now=-1e6, session_id=name)
+            session.inputs.push_speech((0.05 * rng.standard_normal(int(seconds * cfg.sampling_rate))).astype(np.float32))
+            for j in range(int(seconds * cfg.fps)):  # webcam crops, so the motion encoder runs too
+                session.inputs.push_user_crop(rng.integers(0, 255, (size, size, 3), dtype=np.uint8), j / cfg.fps)
+            opened.append(session)
+            engine.step(now=1e9)  # its priming block
+
+        def timed_steps() -> float:
+            times = []
+            for _ in range(self._warmup_blocks):
+                t0 = time.perf_counter()
+                engine.step(now=1e9)
+                times.append(time.perf_counter() - t0)
+            return min(times)
+
+        try:
+            add("warm-up-1")
+            engine.step(now=1e9)  # first streaming shapes
+            one = timed_steps()
+            add("warm-up-2")
+            two = timed_steps()
+        finally:
+            for session in opened:
+                engine.close_session(session.id)
+            engine.portraits.clear()
+        self.cost_first = one / block_s
+        self.cost_more = max(0.0, two - one) / block_s
+        self._metrics.session_cost.labels("first").set(self.cost_first)
+        self._metrics.session_cost.labels("more").set(self.cost_more)
+        log.info("a session costs %.0f%% of real time alone, %.0f%% more for each further one (batched)",
+                 100 * self.cost_first, 100 * self.cost_more)
