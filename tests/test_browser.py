@@ -1,0 +1,309 @@
+"""A real browser against a real server: the page at / opens a WebRTC conversation with Chromium's fake
+camera and microphone playing ../shared/media/user.mp4, receives the avatar at 25 fps, and stops it.
+
+Needs Debian's chromium and chromium-driver, the shared media and golden folders, and a loopback address
+other than 127.0.0.1 (ICE ignores 127.0.0.1), that is, running inside a private network namespace:
+
+    unshare -n sh -c 'ip link set lo up; ip addr add 127.0.0.2/8 dev lo; exec .venv/bin/pytest tests/test_browser.py'
+
+Each missing piece skips the tests with its reason.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import wave
+from pathlib import Path
+
+import av
+import httpx
+import numpy as np
+import pytest
+
+from golden_data import MEDIA_DIR, golden_folders
+from server_harness import RTC_HOST, ServerProcess, host_available, running_server
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+# Headless as root, no network chatter, fake devices that need no permission prompt (ENVIRONMENT.md).
+CHROME_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream", "--allow-loopback-in-peer-connection",
+    "--disable-dev-shm-usage",
+]
+FPS = 25
+CLIP_SECONDS = 5  # the browser loops the clip
+AVATAR_SIZE = 128  # the small reference configuration
+
+
+def _golden_folder() -> Path | None:
+    folder = golden_folders()[0]
+    return folder if (folder / "small_config.json").exists() else None
+
+
+def _skip_reason() -> str | None:
+    for path in (CHROMIUM, CHROMEDRIVER):
+        if not os.access(path, os.X_OK):
+            return f"{path} missing (Debian packages chromium and chromium-driver; scripts/install-system-deps.sh)"
+    for name in ("rumi.jpg", "user.mp4"):
+        if not (MEDIA_DIR / name).exists():
+            return f"{MEDIA_DIR / name} missing (the shared sample media)"
+    if _golden_folder() is None:
+        return f"no golden folder at {golden_folders()[0]} (set AVATAR_FORCING_GOLDEN)"
+    if not host_available(RTC_HOST):
+        return ("no loopback address other than 127.0.0.1 (ICE ignores it): run inside "
+                "unshare -n sh -c 'ip link set lo up; ip addr add 127.0.0.2/8 dev lo; exec pytest ...'")
+    return None
+
+
+_reason = _skip_reason()
+if _reason:
+    pytest.skip(_reason, allow_module_level=True)
+
+from selenium import webdriver  # noqa: E402  (only once we know a browser is there)
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+
+
+# ---- media for the fake camera and microphone ----
+
+def write_y4m(src: Path, dst: Path, seconds: float, width: int = 320, height: int = 240) -> int:
+    """The clip's first seconds as raw YUV4MPEG2 (what Chromium's fake camera reads), cropped to 4:3."""
+    frames = 0
+    with av.open(str(src)) as container, open(dst, "wb") as out:
+        out.write(f"YUV4MPEG2 W{width} H{height} F{FPS}:1 Ip A1:1 C420jpeg\n".encode())
+        for frame in container.decode(video=0):  # user.mp4 is 25 fps already
+            rgb = frame.to_ndarray(format="rgb24")
+            keep = rgb.shape[1] * height // width  # rows of a 4:3 window, taken from the middle
+            top = max(0, (rgb.shape[0] - keep) // 2)
+            rgb = np.ascontiguousarray(rgb[top:top + keep])
+            yuv = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(width, height, format="yuv420p")
+            out.write(b"FRAME\n")
+            out.write(yuv.to_ndarray().tobytes())  # Y, U, V planes back to back, no padding
+            frames += 1
+            if frames >= seconds * FPS:
+                break
+    return frames
+
+
+def write_wav(src: Path, dst: Path, seconds: float, rate: int = 48000) -> None:
+    """The clip's sound as 16-bit mono PCM WAV (what Chromium's fake microphone reads)."""
+    resampler = av.AudioResampler(format="s16", layout="mono", rate=rate)
+    chunks = []
+    with av.open(str(src)) as container:
+        for frame in container.decode(audio=0):
+            chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
+        chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
+    pcm = np.concatenate(chunks)[: int(seconds * rate)].astype("<i2")
+    with wave.open(str(dst), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm.tobytes())
+
+
+# ---- fixtures: media, server, browser ----
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fake_devices")
+    y4m, wav = folder / "user.y4m", folder / "user.wav"
+    assert write_y4m(MEDIA_DIR / "user.mp4", y4m, CLIP_SECONDS) == CLIP_SECONDS * FPS
+    write_wav(MEDIA_DIR / "user.mp4", wav, CLIP_SECONDS)
+    return y4m, wav
+
+
+class Server:
+    """The harness's server process, with a plain HTTP client for the test's own checks."""
+
+    def __init__(self, process: ServerProcess):
+        self.process = process
+        self.base = process.base_url
+        self.http = httpx.Client(base_url=self.base, timeout=30)
+
+    def logs(self) -> str:
+        return "--- server log (tail) ---\n" + "\n".join(self.process.log().splitlines()[-60:])
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with running_server(tmp_path_factory.mktemp("server")) as process:
+        srv = Server(process)
+        try:
+            yield srv
+        finally:
+            srv.http.close()
+
+
+@pytest.fixture(scope="module")
+def browser(media, tmp_path_factory):
+    y4m, wav = media
+    home = tmp_path_factory.mktemp("browser_home")
+    # The browser writes caches and settings under HOME/XDG dirs: keep them in the test's tmp folder.
+    env = dict(os.environ, HOME=str(home), XDG_CACHE_HOME=str(home / "cache"), XDG_CONFIG_HOME=str(home / "config"),
+               SE_OFFLINE="true")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in CHROME_ARGS:
+        options.add_argument(arg)
+    options.add_argument(f"--user-data-dir={home / 'profile'}")
+    options.add_argument(f"--use-file-for-fake-video-capture={y4m}")
+    options.add_argument(f"--use-file-for-fake-audio-capture={wav}")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    old_offline = os.environ.get("SE_OFFLINE")
+    os.environ["SE_OFFLINE"] = "true"  # selenium itself must never fetch a browser or driver
+    try:
+        driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER, env=env,
+                                                  log_output=str(home / "chromedriver.log")),
+                                  options=options)
+    finally:
+        if old_offline is None:
+            os.environ.pop("SE_OFFLINE", None)
+        else:
+            os.environ["SE_OFFLINE"] = old_offline
+    driver.set_script_timeout(20)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture(scope="module")
+def avatar_id(server):
+    r = server.http.post("/v1/avatars", content=(MEDIA_DIR / "rumi.jpg").read_bytes(),
+                         headers={"Content-Type": "image/jpeg"})
+    assert r.status_code == 201, f"POST /v1/avatars: {r.status_code} {r.text}\n{server.logs()}"
+    return r.json()["avatar_id"]
+
+
+# ---- helpers ----
+
+def wait_for(what: str, probe, timeout: float, interval: float = 0.2, context=lambda: ""):
+    """Poll probe() until it returns something truthy; fail with `what` and context() after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} not within {timeout:.0f} s; last: {value!r}\n{context()}")
+        time.sleep(interval)
+
+
+def browser_errors(driver) -> list[str]:
+    return [e["message"] for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
+
+
+VIDEO_JS = """
+const v = document.getElementById('remote');
+return {width: v.videoWidth, height: v.videoHeight, time: v.currentTime, paused: v.paused,
+        ready: v.readyState};
+"""
+
+
+# ---- tests ----
+
+def test_conversation_through_the_page(server, browser, avatar_id):
+    t0 = time.monotonic()
+    marks = {}
+    driver = browser
+    js = driver.execute_script
+
+    def context():
+        try:
+            page = js("return {state: avatarDemo.state(), status: document.getElementById('call-status').textContent}")
+        except Exception as exc:  # the page itself may be what broke
+            page = repr(exc)
+        return f"page: {page}\nbrowser errors: {browser_errors(driver)}\n{server.logs()}"
+
+    driver.get(f"{server.base}/?avatar={avatar_id}")
+    start = driver.find_element(By.ID, "start")
+    wait_for("the Start button enabled (portrait list loaded)", start.is_enabled, 10, context=context)
+    start.click()  # the real button, as a person would
+
+    def live():
+        state = js("return avatarDemo.state()")
+        if state["state"] == "failed":
+            pytest.fail(f"the page failed to start: {state['error']}\n{context()}")
+        return state if state["state"] == "live" and state["sessionId"] else None
+
+    state = wait_for("the conversation live", live, 20, context=context)
+    session_id = state["sessionId"]
+    marks["live"] = time.monotonic() - t0
+
+    # The avatar plays in the page's <video>: its size is the model's, and time moves on.
+    first = wait_for("the avatar video playing at 128x128",
+                     lambda: (v := js(VIDEO_JS))["width"] == AVATAR_SIZE and v["time"] > 0 and v,
+                     20, context=context)
+    assert first["height"] == AVATAR_SIZE
+    marks["video"] = time.monotonic() - t0
+
+    # Over a few seconds: the browser decodes ~25 fps and receives audio; the server receives ours.
+    server_before = session_info(server, session_id)
+    before = js("return avatarDemo.stats()")["client"]
+    time.sleep(3)
+    after = js("return avatarDemo.stats()")["client"]
+    server_after = session_info(server, session_id)
+    seconds = (after["timestamp"] - before["timestamp"]) / 1000
+    fps = (after["video"]["framesDecoded"] - before["video"]["framesDecoded"]) / seconds
+    audio_packets = after["audio"].get("packetsReceived", 0) - before["audio"].get("packetsReceived", 0)
+    assert fps > 18, f"received {fps:.1f} fps over {seconds:.1f} s\n{context()}"
+    assert audio_packets > 10 * seconds, f"{audio_packets} audio packets in {seconds:.1f} s\n{context()}"
+    assert (after["video"]["frameWidth"], after["video"]["frameHeight"]) == (AVATAR_SIZE, AVATAR_SIZE)
+    later = js(VIDEO_JS)
+    assert later["time"] > first["time"] + 2, f"video time {first['time']} -> {later['time']}"
+    assert not later["paused"]
+    # The browser sends its camera and microphone, and the server counts them as they arrive.
+    assert after["sent"]["video"].get("framesSent", 0) > before["sent"]["video"].get("framesSent", 0)
+    assert after["sent"]["audio"].get("packetsSent", 0) > before["sent"]["audio"].get("packetsSent", 0)
+    assert server_after["state"] == "live", server_after
+    assert server_after["session_id"] == session_id and server_after["avatar_id"] == avatar_id
+    got, was = server_after["stats"], server_before["stats"]
+    video_in = got["user_video_frames_received"] - was["user_video_frames_received"]
+    audio_in = got["user_audio_seconds_received"] - was["user_audio_seconds_received"]
+    assert video_in > 10 * seconds, f"server received {video_in} user video frames in ~{seconds:.1f} s: {got}"
+    assert audio_in > 0.5 * seconds, f"server received {audio_in:.2f} s of user audio in ~{seconds:.1f} s: {got}"
+    # ... and the page shows the server's figures, whatever their names.
+    rows = js("return Array.from(document.querySelectorAll('#server-stats th')).map(th => th.textContent)")
+    assert "state" in rows and "stats.user_video_frames_received" in rows, rows
+    marks["checked"] = time.monotonic() - t0
+
+    # Stop: the page closes the session and the server forgets it.
+    driver.find_element(By.ID, "stop").click()
+    wait_for("the page idle", lambda: js("return avatarDemo.state().state") == "idle", 5, context=context)
+    wait_for("GET /v1/sessions/{id} -> closed after Stop",
+             lambda: server.http.get(f"/v1/sessions/{session_id}").json().get("state") == "closed", 5,
+             context=context)
+    assert server.http.get(f"/v1/sessions/{session_id}").json()["end_reason"] == "deleted"
+    marks["stopped"] = time.monotonic() - t0
+
+    assert browser_errors(driver) == []
+    print("browser test timeline (s):", {k: round(v, 1) for k, v in marks.items()})
+
+
+def session_info(server: Server, session_id: str) -> dict:
+    r = server.http.get(f"/v1/sessions/{session_id}")
+    assert r.status_code == 200, f"GET /v1/sessions/{session_id}: {r.status_code} {r.text}\n{server.logs()}"
+    return r.json()
+
+
+def test_page_shows_the_servers_upload_error(server, browser, tmp_path):
+    """A portrait without a face: the page shows the server's own message."""
+    import cv2
+
+    blank = tmp_path / "blank.png"
+    cv2.imwrite(str(blank), np.full((256, 256, 3), 128, np.uint8))
+    expected = server.http.post("/v1/avatars", content=blank.read_bytes(), headers={"Content-Type": "image/png"})
+    assert expected.status_code == 422, expected.text
+    message = expected.json()["error"]["message"]
+
+    browser.get(f"{server.base}/")
+    browser.find_element(By.ID, "upload-file").send_keys(str(blank))
+    browser.find_element(By.ID, "upload").click()
+    status = browser.find_element(By.ID, "avatar-status")
+    wait_for("the upload error shown", lambda: "error" in (status.get_attribute("class") or ""), 10)
+    assert status.text == message
