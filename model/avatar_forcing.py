@@ -28,7 +28,7 @@ class AvatarForcing(nn.Module):
         ft = self.flow_transformer
         cfg = ft.config
         device = next(self.parameters()).device
-        ft.rope = rope_table(cfg.head_dim, cfg.rope_max_positions, cfg.rope_theta).to(device)
+        ft.rope = torch.view_as_real(rope_table(cfg.head_dim, cfg.rope_max_positions, cfg.rope_theta)).to(device)
         for module in self.motion_autoencoder.modules():
             if isinstance(module, ToFlow):
                 module.grid = identity_grid(module.grid.shape[1]).to(device)

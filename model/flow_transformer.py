@@ -12,8 +12,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from kernels.attention import ATTENTION
 
 from .config import FlowTransformerConfig
 from .dual_motion_encoder import DualMotionEncoder
@@ -39,9 +40,13 @@ def rope_table(head_dim: int, num_positions: int, theta: float = 10000.0) -> tor
 
 
 def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent channel pairs (2i, 2i+1). x [B, H, L, D]; rot [B, L, D/2] complex."""
-    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    return torch.view_as_real(pairs * rot[:, None]).flatten(-2).type_as(x)
+    """Rotate adjacent channel pairs (2i, 2i+1) as complex numbers. x [B, H, L, D]; rot [B, L, D/2, 2]
+    (cos, sin). Written in real arithmetic (the same products and sums as a complex multiply) so that
+    compilers handle it."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    re, im = pairs[..., 0], pairs[..., 1]
+    cos, sin = rot[:, None, ..., 0], rot[:, None, ..., 1]
+    return torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1).flatten(-2).type_as(x)
 
 
 def lookahead_mask(num_queries: int, num_keys: int, lookahead: int) -> torch.Tensor:
@@ -108,7 +113,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: tuple[torch.
     """Attention of q [B, H, n, d] over [cached | new] keys/values; returns [B, n, H * d]."""
     if past is not None:
         k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out = ATTENTION.choose(q.device)(q, k, v, mask)
     return out.transpose(1, 2).flatten(2)
 
 
@@ -212,8 +217,8 @@ class FlowTransformer(nn.Module):
         k = torch.arange(n)[None, :]
         self.register_buffer("block_bidir_causal_lookahead_mask", (k // blk < q // blk) | (k <= q + cfg.lookahead))
         self.register_buffer("alignment_mask", (k - q).abs() <= cfg.attention_window)
-        self.register_buffer("rope", rope_table(cfg.head_dim, cfg.rope_max_positions, cfg.rope_theta),
-                             persistent=False)
+        self.register_buffer("rope", torch.view_as_real(rope_table(cfg.head_dim, cfg.rope_max_positions,
+                                                                     cfg.rope_theta)), persistent=False)
 
     # -- conditions ---------------------------------------------------------------------------------------
 

@@ -44,17 +44,37 @@ def _slice_pad(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
 
 
 def apply_rope_rows(k: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
-    """Rotate every position of k [B, H, L, D] by the same per-row rotation rot [B, 1, D/2]."""
-    return apply_rope(k, rot.expand(k.shape[0], k.shape[2], rot.shape[-1]))
+    """Rotate every position of k [B, H, L, D] by the same per-row rotation rot [B, 1, D/2, 2]."""
+    return apply_rope(k, rot.expand(k.shape[0], k.shape[2], *rot.shape[2:]))
 
 
 def repeat_branches(x: torch.Tensor) -> torch.Tensor:
     return x.repeat(NUM_BRANCHES, *([1] * (x.dim() - 1)))
 
 
+def pad_rows(x: torch.Tensor, extra: int) -> torch.Tensor:
+    """Append `extra` copies of row 0 (inert rows that make a batch a fixed size)."""
+    return torch.cat([x, x[:1].expand(extra, *x.shape[1:])]) if extra else x
+
+
+def pad_branch_rows(x: torch.Tensor, extra: int) -> torch.Tensor:
+    """pad_rows for a branch-major [3B, ...] tensor: each branch gets the extra rows."""
+    if not extra:
+        return x
+    per_branch = x.unflatten(0, (NUM_BRANCHES, -1))
+    return torch.cat([per_branch, per_branch[:, :1].expand(-1, extra, *x.shape[1:])], 1).flatten(0, 1)
+
+
+def unpad_branch_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    return x.unflatten(0, (NUM_BRANCHES, -1))[:, :rows].flatten(0, 1)
+
+
 class GuidedSampler:
-    def __init__(self, transformer: FlowTransformer, cfg: SamplerConfig, *, skip_noop_steps: bool = True):
+    def __init__(self, transformer: FlowTransformer, cfg: SamplerConfig, *, skip_noop_steps: bool = True,
+                 forward=None):
         self.transformer = transformer
+        # What runs the transformer: the module itself, or a compiled version of its forward.
+        self.forward = forward or transformer
         self.tcfg: FlowTransformerConfig = transformer.config
         self.schedule = FlowMatchSchedule(cfg)
         self.a_scale = cfg.a_cfg_scale
@@ -91,7 +111,7 @@ class GuidedSampler:
         masks = self.transformer.masks(n, past, x.device)
         for step in self.steps:
             t_frames = torch.where(is_new, step.t_cur, 0.0).to(x.dtype).expand(NUM_BRANCHES * b, n)
-            v_branches, _ = self.transformer(repeat_branches(x), t_frames, cond3, r_s3, pos3, past, masks)
+            v_branches, _ = self.forward(repeat_branches(x), t_frames, cond3, r_s3, pos3, past, masks)
             v = self.guide(v_branches)
             # The solver update runs in float64, as upstream: x <- x + (sigma_next - sigma_cur) v.
             stepped = (x.double() + (step.sigma_next - step.sigma_cur) * v.double()).to(x.dtype)
@@ -112,7 +132,7 @@ class GuidedSampler:
         """Re-run the transformer on the final latents at t = 0; return every token's keys/values."""
         x3 = repeat_branches(x)
         t0 = torch.zeros(x3.shape[:2], dtype=x.dtype, device=x.device)
-        _, kv = self.transformer(x3, t0, cond3, r_s.repeat(NUM_BRANCHES, 1), repeat_branches(positions), past)
+        _, kv = self.forward(x3, t0, cond3, r_s.repeat(NUM_BRANCHES, 1), repeat_branches(positions), past)
         return kv
 
     def primed_cache(self, fresh: list[LayerKV]) -> list[LayerKV]:
@@ -130,8 +150,8 @@ class GuidedSampler:
         cached key back by delta and giving the next tokens positions - delta is exact (up to fp32
         rounding of one extra complex multiply). Keeps positions inside the reference's table forever.
         """
-        back = self.transformer.rope[delta].conj()  # [B, head_dim/2]
-        back = repeat_branches(back)[:, None, :]
+        back = self.transformer.rope[delta] * torch.tensor([1.0, -1.0], device=delta.device)  # conj: [B, D/2, 2]
+        back = repeat_branches(back)[:, None]
         return [LayerKV(apply_rope_rows(kv.self_k, back), kv.self_v, kv.cross_k, kv.cross_v) for kv in cache]
 
     def advanced_cache(self, past: list[LayerKV], fresh: list[LayerKV]) -> list[LayerKV]:

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.modconv import MODCONV
+
 
 def make_blur_kernel(taps: Sequence[int], gain: float = 1.0) -> torch.Tensor:
     k = torch.tensor(taps, dtype=torch.float32)
@@ -130,11 +132,7 @@ class ResBlock(nn.Module):
 
 
 class ModulatedConv2d(nn.Module):
-    """Style-modulated convolution (optionally demodulated, optionally 2x upsampling).
-
-    The style scales the input channels and the demodulation scales the output channels, which equals
-    convolving with a per-sample modulated weight but runs as one ordinary convolution over the batch.
-    """
+    """Style-modulated convolution (optionally demodulated, optionally 2x upsampling); see kernels/modconv.py."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, style_dim: int,
                  blur_taps: Sequence[int], demodulate: bool = True, upsample: bool = False):
@@ -153,17 +151,9 @@ class ModulatedConv2d(nn.Module):
             self.blur = Blur(blur_taps, pad=((p + 1) // 2 + 1, p // 2 + 1), upsample_factor=2)
 
     def forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
-        style = self.modulation(style)  # [B, in]
         weight = self.weight[0] * self.scale  # [out, in, k, k]
-        x = x * style[:, :, None, None]
-        if self.upsample:
-            out = F.conv_transpose2d(x, weight.transpose(0, 1), stride=2)
-        else:
-            out = F.conv2d(x, weight, padding=self.padding)
-        if self.demodulate:
-            # rsqrt(sum_{in,k,k} (w * s_in)^2 + eps) per sample and output channel
-            energy = style.square() @ weight.square().sum((2, 3)).t()  # [B, out]
-            out = out * torch.rsqrt(energy + 1e-8)[:, :, None, None]
+        out = MODCONV.choose(x.device)(x, weight, self.modulation(style), self.demodulate, self.upsample,
+                                       self.padding)
         if self.upsample:
             out = self.blur(out)  # the blur is per channel, so it commutes with the demodulation
         return out

@@ -64,4 +64,5 @@ def test_golden_configuration_has_the_reference_state_dict(tsv):
 def test_rope_tables_are_not_in_the_state_dict():
     model = build_model(official(), device="meta")
     assert not any("rope" in k or "freqs_cis" in k for k in model.state_dict())
-    assert model.flow_transformer.rope.dtype == torch.complex64
+    rope = model.flow_transformer.rope
+    assert rope.dtype == torch.float32 and tuple(rope.shape) == (1024, 64, 2)  # (cos, sin) per position
