@@ -11,8 +11,9 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from kernels.warp import WARP
 
 from .config import MotionAutoencoderConfig
 from .stylegan_ops import ConvLayer, EqualConv2d, EqualLinear, ResBlock, StyledConv, ModulatedConv2d, Upsample
@@ -119,10 +120,13 @@ class ToFlow(nn.Module):
         logits = self.conv(x, style) + self.bias
         if skip is not None:
             logits = logits + self.upsample(skip)
-        grid = torch.tanh(logits[:, 0:2]).permute(0, 2, 3, 1) + self.grid.to(logits.dtype)
+        # The warp stays in fp32 under bf16 autocast: an 8-bit mantissa would misplace samples by up to
+        # ~2 px of a 512 px frame near its edges.
+        logits = logits.float()
+        grid = torch.tanh(logits[:, 0:2]).permute(0, 2, 3, 1) + self.grid.float()
         mask = torch.sigmoid(logits[:, 2:3])
-        warped = F.grid_sample(feat.to(grid.dtype), grid, mode="bilinear", padding_mode="zeros",
-                               align_corners=False) * mask
+        with torch.autocast(grid.device.type, enabled=False):
+            warped = WARP.choose(grid.device)(feat.float(), grid) * mask
         blended = warped + x * (1 - mask)
         return warped, blended, logits, grid
 
@@ -165,17 +169,17 @@ class Synthesis(nn.Module):
             in_ch = out_ch
 
     def forward(self, latent: torch.Tensor, feats: list[torch.Tensor]) -> DecodedFrames:
-        """latent [B, style_dim] (s_r + r_d); feats: the portrait's maps, 8x8 first, batch B or 1."""
+        """latent [B, style_dim] (s_r + r_d); feats: the portraits' maps, 8x8 first, with batch S dividing B:
+        frames b*B/S .. (b+1)*B/S - 1 belong to portrait b (one portrait: S = 1)."""
         batch = latent.shape[0]
+        if batch % feats[0].shape[0]:
+            raise ValueError(f"{batch} frames cannot be split evenly over {feats[0].shape[0]} portraits")
         out = self.conv1(self.input(batch).to(latent.dtype), latent)
         rgb = flow_logits = flow = None
         for level, (to_rgb, to_flow) in enumerate(zip(self.to_rgbs, self.to_flows)):
             out = self.convs[2 * level](out, latent)
             out = self.convs[2 * level + 1](out, latent)
-            feat = feats[level]
-            if feat.shape[0] != batch:
-                feat = feat.expand(batch, -1, -1, -1)
-            warped, out, flow_logits, grid = to_flow(out, latent, feat, flow_logits)
+            warped, out, flow_logits, grid = to_flow(out, latent, feats[level], flow_logits)
             rgb = to_rgb(warped, rgb)
             if out.shape[-1] == self.flow_resolution:
                 flow = grid
@@ -215,3 +219,20 @@ class MotionAutoencoder(nn.Module):
         pieces = [self.dec(portrait.s_r + r_d[i:i + chunk], portrait.feats).image
                   for i in range(0, r_d.shape[0], chunk)]
         return torch.cat(pieces)
+
+    def decode_batch(self, portraits: list[PortraitCode], r_d: torch.Tensor, chunk: int = 10) -> torch.Tensor:
+        """Frames of several portraits at once: r_d [P, F, style_dim] (F frames of portrait p) ->
+        [P, F, 3, S, S], at most `chunk` frames per decoder call: several whole portraits per call when
+        their frames fit, else one portrait's frames `chunk` at a time (calls of one steady size also
+        keep the allocator from fragmenting)."""
+        p, f = r_d.shape[:2]
+        if f > chunk:
+            return torch.stack([self.decode_frames(q, r_d[i], chunk) for i, q in enumerate(portraits)])
+        per_call = chunk // f
+        pieces = []
+        for i in range(0, p, per_call):
+            group = portraits[i:i + per_call]
+            s_r = torch.cat([q.s_r for q in group]).repeat_interleave(f, 0)
+            feats = [torch.cat([q.feats[level] for q in group]) for level in range(len(group[0].feats))]
+            pieces.append(self.dec(s_r + r_d[i:i + per_call].flatten(0, 1), feats).image)
+        return torch.cat(pieces).unflatten(0, (p, f))

@@ -292,3 +292,33 @@ def test_engine_with_pose_anchor_changes_only_streaming_blocks(model):
         results.append([engine.step(now=LATE)[0].latents for _ in range(3)])
     assert torch.equal(results[0][0], results[1][0])  # priming is never anchored
     assert not torch.equal(results[0][1], results[1][1])
+
+
+# -- static shapes and compilation -------------------------------------------------------------------------
+
+
+def run_three(model, **settings):
+    size = model.config.motion.input_size
+    engine = StreamingEngine(model, EngineSettings(max_sessions=4, decode=False, **settings))
+    for seed in (1, 2, 3):
+        feed(engine.open_session(portrait(size, seed), seed=seed, session_id=f"s{seed}", now=0.0), 3.0, seed, size)
+    blocks = {}
+    for _ in range(4):
+        for out in engine.step(now=LATE):
+            blocks.setdefault(out.session_id, []).append(out.latents)
+    return {sid: torch.cat(x) for sid, x in blocks.items()}
+
+
+def test_padding_batches_to_a_bucket_changes_nothing(model):
+    plain = run_three(model)
+    padded = run_three(model, batch_buckets=(1, 2, 8))  # 3 sessions run as 8 rows
+    for sid in plain:
+        assert relative_l2(padded[sid], plain[sid]) < 1e-6, sid
+
+
+@pytest.mark.slow
+def test_compiled_transformer_matches_eager(model):
+    eager = run_three(model, batch_buckets=(4,))
+    compiled = run_three(model, batch_buckets=(4,), compile=True)
+    for sid in eager:
+        assert relative_l2(compiled[sid], eager[sid]) < 1e-5, sid

@@ -23,7 +23,8 @@ import torch
 from ..avatar_forcing import AvatarForcing
 from ..media.image import to_model_input, to_uint8
 from ..motion_autoencoder import PortraitCode
-from ..sampler import Conditions, GuidedSampler, NoiseFn
+from ..flow_transformer import LayerKV
+from ..sampler import Conditions, GuidedSampler, NoiseFn, pad_branch_rows, pad_rows, unpad_branch_rows
 from .drift import PoseAnchor, PoseAnchorSettings
 from .inputs import BlockRequest, LiveInputs, LiveSettings, PrecomputedInputs
 from .kv_pool import KVCachePool, PoolFullError
@@ -45,6 +46,16 @@ class EngineSettings:
     batching: bool = True  # False steps due sessions one at a time (the baseline of the benchmark)
     record_conditions: bool = False  # attach each block's conditions to its output (measurements, debugging)
     pose_anchor: PoseAnchorSettings | None = None  # optional drift control (off: the reference's outputs)
+    # "bfloat16": the networks run under bf16 autocast, as upstream (fp32 weights; the warp grid, QR,
+    # RoPE angles, timestep sinusoid and the Euler update stay fp32/fp64), and the KV cache is stored in
+    # bf16. "float32": exact reference numerics.
+    precision: str = "float32"
+    upstream_steps: bool = False  # also run the reference's final t=0 -> 0 transformer call (a no-op)
+    # Static shapes: pad each step's batch with inert rows up to the next of these sizes, so compiled
+    # graphs are reused (one per bucket and phase). None: no padding.
+    batch_buckets: tuple[int, ...] | None = None
+    # torch.compile the transformer; on a GPU with mode "reduce-overhead", i.e. CUDA graphs per bucket.
+    compile: bool = False
     # A live session's silent lead-in is mostly never shown (only its last moments play before the first
     # streaming block): decode just its last N frames. None decodes all.
     lead_in_frames_shown: int | None = None
@@ -92,11 +103,20 @@ class StreamingEngine:
                                      context_frames=self.tcfg.context_frames, frame_size=cfg.motion.input_size)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self.sampler = GuidedSampler(model.flow_transformer, cfg.sampler)
+        forward = None
+        if self.settings.compile:
+            mode = "reduce-overhead" if self.device.type == "cuda" else "default"
+            forward = torch.compile(model.flow_transformer.forward, mode=mode, dynamic=False)
+        self.sampler = GuidedSampler(model.flow_transformer, cfg.sampler,
+                                     skip_noop_steps=not self.settings.upstream_steps, forward=forward)
         default_chunk = 10 if self.device.type == "cpu" else 128
         self.motion_chunk = self.settings.motion_chunk or default_chunk
         self.decode_chunk = self.settings.decode_chunk or default_chunk
-        self.pool = KVCachePool(self.tcfg, self.settings.max_sessions, self.device, self.dtype)
+        if self.settings.precision not in ("float32", "bfloat16"):
+            raise ValueError(f"precision must be float32 or bfloat16, got {self.settings.precision!r}")
+        self.bf16 = self.settings.precision == "bfloat16"
+        self.pool = KVCachePool(self.tcfg, self.settings.max_sessions, self.device,
+                                torch.bfloat16 if self.bf16 else self.dtype)
         self.portraits = PortraitCache(model.motion_autoencoder, self.settings.portrait_cache)
         self.sessions: dict[str, Session] = {}
         self.clock = clock
@@ -172,8 +192,9 @@ class StreamingEngine:
         else:
             groups = [[d] for d in due]
         outputs: list[BlockOutput] = []
-        for group in groups:
-            outputs.extend(self._run(group))
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            for group in groups:
+                outputs.extend(self._run(group))
         return outputs
 
     def _run(self, group: list[_Due]) -> list[BlockOutput]:
@@ -187,58 +208,82 @@ class StreamingEngine:
         r_s = torch.cat([s.portrait.r_s for s in sessions])
         slots = torch.tensor([s.slot for s in sessions], device=self.device)
         b, n = len(group), group[0].stop - group[0].start
+        extra = self._bucket(b) - b  # inert rows: copies of row 0, never written back
 
         with timer("transformer"):
-            cond3 = self.sampler.branch_conditions(cond)
+            cond3 = self.sampler.branch_conditions(Conditions(*(pad_rows(t, extra) for t in (
+                cond.wa, cond.wa_user, cond.motion_user))))
             if priming:
                 past, num_context = None, 0
                 x = torch.cat([s.noise((1, c.clip_frames, c.dim_w)) for s in sessions])
             else:
                 past, num_context = self.pool.gather(slots), c.context_frames
                 past = self._rebase_if_needed(group, past)
+                past = [LayerKV(*(pad_branch_rows(t, extra) for t in (kv.self_k, kv.self_v, kv.cross_k,
+                                                                        kv.cross_v))) for kv in past]
                 x = torch.cat([torch.cat([s.context, s.noise((1, c.block_frames, c.dim_w))], 1) for s in sessions])
             offsets = torch.tensor([[s.position_offset] for s in sessions], device=self.device)
             positions = torch.stack([torch.arange(d.start, d.stop, device=self.device) for d in group]) - offsets
+            x, r_s, positions = pad_rows(x, extra), pad_rows(r_s, extra), pad_rows(positions, extra)
             x = self.sampler.denoise(x, num_context, cond3, r_s, positions, past)
             if self.settings.pose_anchor is not None and not priming:
-                x = self._anchor(sessions, x, num_context)
+                x = torch.cat([self._anchor(sessions, x[:b], num_context), x[b:]])
 
         with timer("cache_update"):
             fresh = self.sampler.clean_pass(x, cond3, r_s, positions, past)
             cache = self.sampler.primed_cache(fresh) if priming else self.sampler.advanced_cache(past, fresh)
-            self.pool.scatter(slots, cache)
+            self.pool.scatter(slots, [LayerKV(*(unpad_branch_rows(t, b) for t in (
+                kv.self_k, kv.self_v, kv.cross_k, kv.cross_v))) for kv in cache])
+            x = x[:b]
 
         new = x[:, num_context:]
-        outputs = []
+        spans = []  # per row: first frame, offset into `new`, count
         for row, (session, due) in enumerate(zip(sessions, group)):
-            first = session.next_frame
-            count = new.shape[1]
+            first, offset, count = session.next_frame, 0, new.shape[1]
             if session.inputs.total_frames is not None:
                 count = min(count, session.inputs.total_frames - first)
-            latents = new[row, :count]
             shown = self.settings.lead_in_frames_shown
             if shown is not None and first + count <= session.inputs.origin and count > shown:
-                first, count, latents = first + count - shown, shown, latents[count - shown:]
+                offset, count = count - shown, shown
+            spans.append((first + offset, offset, count))
             session.context = x[row:row + 1, -c.context_frames:]
             session.next_frame = due.stop
             session.inputs.consumed(session.next_frame)
-            frames = None
-            if self.settings.decode:
-                with timer("decode"):
-                    frames = to_uint8(self.model.motion_autoencoder.decode_frames(
-                        session.portrait, latents, chunk=self.decode_chunk))
+
+        frames: list[np.ndarray | None] = [None] * b
+        if self.settings.decode:
+            with timer("decode"):
+                frames = self._decode(sessions, new, spans)
+
+        outputs = []
+        for row, (session, due) in enumerate(zip(sessions, group)):
+            first, offset, count = spans[row]
             outputs.append(BlockOutput(
-                session_id=session.id, index=session.blocks_done, first_frame=first, latents=latents,
-                frames=frames, audio=session.inputs.avatar_audio(first, first + count),
+                session_id=session.id, index=session.blocks_done, first_frame=first,
+                latents=new[row, offset:offset + count], frames=frames[row],
+                audio=session.inputs.avatar_audio(first, first + count),
                 lead_in=first + count <= session.inputs.origin, ready_at=due.ready_at, done_at=0.0,
                 timings=timer.seconds, batch_size=b,
-                conditions=cond.rows(row, num_context, num_context + count) if self.settings.record_conditions else None,
+                conditions=(cond.rows(row, num_context + offset, num_context + offset + count)
+                            if self.settings.record_conditions else None),
             ))
             session.blocks_done += 1
         done = self.clock()
         for out in outputs:
             out.done_at = done
         return outputs
+
+    def _decode(self, sessions: list[Session], new: torch.Tensor, spans: list[tuple[int, int, int]]) -> list[np.ndarray]:
+        """Every row's new frames through the decoder together (rows padded to the longest by repeating
+        their last latent, then trimmed)."""
+        longest = max(count for _, _, count in spans)
+        padded = torch.stack([
+            new[row, offset + torch.arange(longest, device=new.device).clamp(max=count - 1)]
+            for row, (_, offset, count) in enumerate(spans)
+        ])
+        images = self.model.motion_autoencoder.decode_batch([s.portrait for s in sessions], padded,
+                                                            chunk=self.decode_chunk)
+        return [to_uint8(images[row, :count]) for row, (_, _, count) in enumerate(spans)]
 
     # -- conditions ---------------------------------------------------------------------------------------
 
@@ -288,6 +333,12 @@ class StreamingEngine:
             torch.stack([s.motion_latents.get(fid, zero) if fid is not None else zero for fid in r.live.frame_ids])
             for s, r in zip(sessions, requests)
         ])
+
+    def _bucket(self, rows: int) -> int:
+        buckets = self.settings.batch_buckets
+        if not buckets:
+            return rows
+        return min((size for size in buckets if size >= rows), default=rows)
 
     def _anchor(self, sessions: list[Session], x: torch.Tensor, num_context: int) -> torch.Tensor:
         """Pull each row's new frames towards its portrait's pose (before they are cached and shown)."""
