@@ -11,8 +11,11 @@ avatar.wav, user.mp4 and a portrait. Random weights give the same timings as tra
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,7 +91,8 @@ class RunStats:
 
 
 def run_sessions(model: AvatarForcing, inputs: BenchInputs, sessions: int, blocks: int, batching: bool,
-                 decode: bool = True) -> RunStats:
+                 decode: bool = True, precision: str = "float32", upstream_steps: bool = False,
+                 compile: bool = False) -> RunStats:
     """Open `sessions` live sessions fed the same media, prime them, then time `blocks` steps.
 
     Every session's inputs are complete before each step (their session clocks start far in the past),
@@ -97,7 +101,10 @@ def run_sessions(model: AvatarForcing, inputs: BenchInputs, sessions: int, block
     the sessions served before it.
     """
     cfg = model.config
-    engine = StreamingEngine(model, EngineSettings(max_sessions=sessions, decode=decode, batching=batching),
+    buckets = tuple(sorted({1, 2, 4, 8, 16, 32, 64} | {sessions})) if compile else None
+    engine = StreamingEngine(model, EngineSettings(max_sessions=sessions, decode=decode, batching=batching,
+                                                   precision=precision, upstream_steps=upstream_steps,
+                                                   compile=compile, batch_buckets=buckets),
                              clock=time.perf_counter)
     base = time.perf_counter()
     opened = []
@@ -265,6 +272,111 @@ def run_bench_drift(args) -> int:
     return 0
 
 
+SWEEP_COUNTS = (1, 2, 4, 8, 12, 16, 20, 24, 32, 40, 48, 64)
+
+
+@contextmanager
+def reference_kernels():
+    """Every kernel on its plain reference (kernels/), for the baseline run."""
+    old = os.environ.get("AVATAR_FORCING_KERNELS")
+    os.environ["AVATAR_FORCING_KERNELS"] = "reference"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("AVATAR_FORCING_KERNELS")
+        else:
+            os.environ["AVATAR_FORCING_KERNELS"] = old
+
+
+def stage_row(label: str, stats: RunStats) -> str:
+    cells = " | ".join(f"{1000 * percentile(stats.stage[k], 50):.1f}" for k in STAGES)
+    return (f"| {label} | {cells} | {1000 * percentile(stats.step_wall, 50):.1f} | "
+            f"{1000 * percentile(stats.step_wall, 99):.1f} |")
+
+
+def run_bench_gpu(args) -> int:
+    """The numbers of benchmarks/RESULTS.md: one session the fast way and the reference way in the same
+    run, the session sweep with per-session memory, and a latency budget from the measurements."""
+    model = _model_for(args)
+    device = next(model.parameters()).device
+    cfg = model.config
+    block_s = cfg.transformer.block_frames / cfg.fps
+    inputs = _inputs_for(args, model, args.blocks)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    precision = args.precision or ("bfloat16" if device.type == "cuda" else "float32")
+    _header(args, model)
+
+    with reference_kernels():
+        baseline = run_sessions(model, inputs, 1, args.blocks, batching=False, precision="float32",
+                                upstream_steps=True)
+    fast = run_sessions(model, inputs, 1, args.blocks, batching=True, precision=precision, compile=args.compile)
+
+    sweep = []
+    for n in [c for c in SWEEP_COUNTS if c <= args.max_sessions]:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            base_mem = torch.cuda.memory_allocated(device)
+        stats = run_sessions(model, inputs, n, args.blocks, batching=True, precision=precision, compile=args.compile)
+        peak = (torch.cuda.max_memory_allocated(device) - base_mem) if device.type == "cuda" else float("nan")
+        p99 = percentile(stats.block_latency, 99)
+        sweep.append((n, percentile(stats.block_latency, 50), p99, peak / n / 2**20))
+        print(f"N={n}: block p50 {1000 * sweep[-1][1]:.1f} ms, p99 {1000 * p99:.1f} ms", flush=True)
+        if p99 > block_s:
+            break
+    held = max((n for n, _, p99, _ in sweep if p99 <= block_s), default=0)
+
+    fast_p50, base_p50 = percentile(fast.step_wall, 50), percentile(baseline.step_wall, 50)
+    compute_p99 = percentile(fast.block_latency, 99)
+    command = "avatar-forcing " + " ".join(sys.argv[1:])
+    lines = [
+        f"## {time.strftime('%Y-%m-%d')}: {name}, {cfg.name}",
+        "",
+        f"Command: `{command}`; torch {torch.__version__}; precision {precision}; {args.blocks} streaming blocks "
+        f"per run; inputs {'media ' + args.media if args.media else 'synthetic'}.",
+        "",
+        "Per block (10 frames, 400 ms of video), one session, milliseconds (p50 per stage; step p50 / p99):",
+        "",
+        "| path | " + " | ".join(STAGES) + " | step p50 | step p99 |",
+        "|" + " --- |" * (len(STAGES) + 3),
+        stage_row(f"fast ({precision}, fast kernels, batched{', compiled' if args.compile else ''})", fast),
+        stage_row("reference way (fp32, reference kernels, one at a time, 9 transformer calls)", baseline),
+        "",
+        f"Speed-up of the fast path over the reference way, same run: {base_p50 / fast_p50:.2f}x (step p50).",
+        "",
+        "Concurrent sessions (batched), block latency from inputs complete to frames ready:",
+        "",
+        "| sessions | p50 ms | p99 ms | GPU memory per session MiB |",
+        "| --- | --- | --- | --- |",
+        *[f"| {n} | {1000 * p50:.1f} | {1000 * p99:.1f} | {'n/a (CPU)' if mem != mem else f'{mem:.0f}'} |"
+          for n, p50, p99, mem in sweep],
+        "",
+        f"Largest number of sessions with every block (p99) inside {1000 * block_s:.0f} ms: **{held}**.",
+        "",
+        "Latency budget of one conversational turn (user speaks -> avatar reacts), one session:",
+        "",
+        "| part | ms | from |",
+        "| --- | --- | --- |",
+        f"| input buffering: a block's 10 frames of input | {1000 * block_s:.0f} | configuration |",
+        f"| compute: the block, all stages (p99) | {1000 * compute_p99:.0f} | measured above |",
+        f"| pacing: playout delay target minus the two above | "
+        f"{max(0.0, 1000 * (args.target_latency - block_s - compute_p99)):.0f} | server setting "
+        f"target_latency_s={args.target_latency} |",
+        "| network and codecs: one WebRTC hop | measure with `avatar-forcing loadtest` (RTT/2) | not measured here |",
+        "",
+    ]
+    text = "\n".join(lines)
+    print("\n" + text)
+    if args.results:
+        path = Path(args.results)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.write(text + "\n")
+        print(f"appended to {path}")
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Command line
 
@@ -365,6 +477,14 @@ def add_bench_command(subparsers) -> None:
     e.add_argument("--sessions", nargs="+", default=[1, 4, 16], help="session counts to run (e.g. 1 4 16)")
     e.add_argument("--no-decode", action="store_true", help="skip frame decoding")
     e.set_defaults(func=run_bench_engine)
+    gpu = sub.add_parser("gpu", help="the GPU numbers of benchmarks/RESULTS.md (fast vs reference way, sweep)")
+    common(gpu)
+    gpu.add_argument("--max-sessions", type=int, default=64)
+    gpu.add_argument("--precision", choices=("float32", "bfloat16"), help="default: bfloat16 on a GPU")
+    gpu.add_argument("--target-latency", type=float, default=0.7, help="the server's target_latency_s")
+    gpu.add_argument("--compile", action="store_true", help="compiled transformer (CUDA graphs per bucket)")
+    gpu.add_argument("--results", default="benchmarks/RESULTS.md", help="append the section here ('' to skip)")
+    gpu.set_defaults(func=run_bench_gpu)
     d = sub.add_parser("drift", help="pose drift of a long session, with and without the pose anchor")
     common(d)
     d.add_argument("--seconds", type=float, default=120.0)

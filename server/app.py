@@ -39,6 +39,12 @@ def default_model_loader(settings: ServerSettings) -> Callable[[], AvatarForcing
     return load
 
 
+def batch_buckets(max_sessions: int) -> tuple[int, ...]:
+    """Powers of two up to the capacity (and the capacity itself): one compiled graph per bucket."""
+    sizes = {1 << i for i in range(max_sessions.bit_length()) if 1 << i <= max_sessions}
+    return tuple(sorted(sizes | {max_sessions}))
+
+
 def create_app(settings: ServerSettings | None = None, *,
                load_model: Callable[[], AvatarForcing] | None = None) -> FastAPI:
     settings = settings or ServerSettings.from_env()
@@ -49,7 +55,10 @@ def create_app(settings: ServerSettings | None = None, *,
     # Lead-in frames the playout can still show when the first streaming block arrives.
     shown = math.ceil(settings.target_latency_s * model_cfg.fps) + model_cfg.transformer.context_frames
     worker = ModelWorker(load_model or default_model_loader(settings),
-                         EngineSettings(max_sessions=settings.max_sessions, lead_in_frames_shown=shown), metrics,
+                         EngineSettings(max_sessions=settings.max_sessions, lead_in_frames_shown=shown,
+                                        precision=settings.precision, compile=settings.compile,
+                                        batch_buckets=batch_buckets(settings.max_sessions) if settings.compile
+                                        else None), metrics,
                          cpu_threads=settings.cpu_threads)
     executor = ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 2)), thread_name_prefix="media")
     sessions = SessionManager(settings, worker, metrics, executor, model_cfg.fps, model_cfg.sampling_rate)

@@ -25,6 +25,8 @@ class ServerSettings:
     device: str = "auto"
     max_sessions: int = 16
     cpu_threads: int | None = None  # torch's CPU threads; default: all cores but one (kept for media work)
+    precision: str = "auto"  # auto (bfloat16 on a GPU, float32 on a CPU), float32 or bfloat16
+    compile: bool = False  # torch.compile the transformer (CUDA graphs per batch bucket on a GPU)
     # Access
     auth_token: str | None = None  # when set, every /v1 route needs "Authorization: Bearer <token>"
     cors_origins: list[str] = field(default_factory=list)  # e.g. https://app.example.com; "*" for any
@@ -53,6 +55,8 @@ class ServerSettings:
     def __post_init__(self) -> None:
         if self.max_sessions < 1:
             raise UserError("AVATAR_FORCING_MAX_SESSIONS must be at least 1")
+        if self.precision not in ("auto", "float32", "bfloat16"):
+            raise UserError("AVATAR_FORCING_PRECISION must be auto, float32 or bfloat16")
         if self.overload_admission not in ("predict", "off"):
             raise UserError("AVATAR_FORCING_OVERLOAD_ADMISSION must be 'predict' or 'off'")
         if self.log_format not in ("json", "text"):
@@ -92,6 +96,12 @@ class ServerSettings:
 
 def _parse(name: str, kind, raw: str):
     kind = str(kind)
+    if kind.startswith("bool"):
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise UserError(f"{ENV_PREFIX}{name.upper()}={raw!r}: expected true or false")
     try:
         if kind.startswith("list"):
             return [x.strip() for x in raw.split(",") if x.strip()]

@@ -19,8 +19,8 @@ log = logging.getLogger("avatar_forcing.server.sessions")
 
 RETRY_AFTER_FULL_S = 10
 RETRY_AFTER_LOADING_S = 5
-ENDED_VISIBLE_S = 60
-OVERLOAD_ON, OVERLOAD_OFF = 0.9, 0.75  # worker utilisation over the last 5 s  # an ended session still answers GET (state "closed") this long
+ENDED_VISIBLE_S = 60  # an ended session still answers GET (state "closed") this long
+OVERLOAD_ON, OVERLOAD_OFF = 0.9, 0.75  # worker utilisation over the last 5 s
 
 
 class SessionManager:

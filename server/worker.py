@@ -16,6 +16,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -111,10 +112,14 @@ class ModelWorker:
             # fight them for it (measured on 2 cores: blocks 5-8x slower with 2 threads than with 1).
             torch.set_num_threads(self._cpu_threads or max(1, (os.cpu_count() or 2) - 1))
             model = self._load_model()
-            self.engine = StreamingEngine(model, self._engine_settings)
+            settings = self._engine_settings
+            if settings.precision == "auto":
+                on_gpu = next(model.parameters()).device.type == "cuda"
+                settings = replace(settings, precision="bfloat16" if on_gpu else "float32")
+            self.engine = StreamingEngine(model, settings)
             self._warm_up()
-            log.info("model ready in %.1f s (device %s, %d session slots, KV pool %.1f MiB)",
-                     time.perf_counter() - t0, self.engine.device, self.engine.pool.capacity,
+            log.info("model ready in %.1f s (device %s, %s, %d session slots, KV pool %.1f MiB)",
+                     time.perf_counter() - t0, self.engine.device, settings.precision, self.engine.pool.capacity,
                      self.engine.pool.nbytes() / 2**20)
         except BaseException as exc:
             self.error = exc
