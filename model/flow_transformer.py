@@ -217,6 +217,7 @@ class FlowTransformer(nn.Module):
         k = torch.arange(n)[None, :]
         self.register_buffer("block_bidir_causal_lookahead_mask", (k // blk < q // blk) | (k <= q + cfg.lookahead))
         self.register_buffer("alignment_mask", (k - q).abs() <= cfg.attention_window)
+        self._mask_cache: dict = {}
         self.register_buffer("rope", torch.view_as_real(rope_table(cfg.head_dim, cfg.rope_max_positions,
                                                                      cfg.rope_theta)), persistent=False)
 
@@ -234,15 +235,15 @@ class FlowTransformer(nn.Module):
 
     def masks(self, num_tokens: int, past: list[LayerKV] | None, device) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
-        if past is None:
-            if num_tokens == cfg.clip_frames:
-                return self.block_bidir_causal_lookahead_mask, self.alignment_mask
-            return (lookahead_mask(num_tokens, num_tokens, cfg.lookahead).to(device),
-                    window_mask(num_tokens, num_tokens, cfg.attention_window).to(device))
-        self_keys = past[0].self_k.shape[2] + num_tokens
-        cross_keys = past[0].cross_k.shape[2] + num_tokens
-        return (lookahead_mask(num_tokens, self_keys, cfg.lookahead).to(device),
-                window_mask(num_tokens, cross_keys, cfg.stream_cross_window).to(device))
+        if past is None and num_tokens == cfg.clip_frames:
+            return self.block_bidir_causal_lookahead_mask, self.alignment_mask
+        cached = (0, 0) if past is None else (past[0].self_k.shape[2], past[0].cross_k.shape[2])
+        key = (num_tokens, cached, str(device))
+        if key not in self._mask_cache:  # a handful of layouts: build each once, on its device
+            window = cfg.attention_window if past is None else cfg.stream_cross_window
+            self._mask_cache[key] = (lookahead_mask(num_tokens, cached[0] + num_tokens, cfg.lookahead).to(device),
+                                     window_mask(num_tokens, cached[1] + num_tokens, window).to(device))
+        return self._mask_cache[key]
 
     # -- forward ------------------------------------------------------------------------------------------
 
@@ -254,7 +255,9 @@ class FlowTransformer(nn.Module):
         r_s [B, dim_w]; positions [B, L] RoPE positions; past: per-layer cache (None for a priming call).
         Returns the velocity [B, L, dim_w] and this call's per-layer keys/values (self keys rotated).
         """
-        if positions.max() >= self.rope.shape[0]:
+        # Callers on an accelerator keep positions in range themselves (the engine rebases with plain
+        # integers); checking a device tensor here would stall the GPU on every call.
+        if positions.device.type == "cpu" and positions.max() >= self.rope.shape[0]:
             raise ValueError(f"RoPE position {int(positions.max())} beyond the table of {self.rope.shape[0]}; "
                              "rebase the session's positions")
         t_embed, ada = self.time_modulation(t)

@@ -233,6 +233,7 @@ class MotionAutoencoder(nn.Module):
         for i in range(0, p, per_call):
             group = portraits[i:i + per_call]
             s_r = torch.cat([q.s_r for q in group]).repeat_interleave(f, 0)
-            feats = [torch.cat([q.feats[level] for q in group]) for level in range(len(group[0].feats))]
+            feats = group[0].feats if len(group) == 1 else [  # (a cat of one tensor would still copy it)
+                torch.cat([q.feats[level] for q in group]) for level in range(len(group[0].feats))]
             pieces.append(self.dec(s_r + r_d[i:i + per_call].flatten(0, 1), feats).image)
         return torch.cat(pieces).unflatten(0, (p, f))

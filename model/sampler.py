@@ -132,7 +132,8 @@ class GuidedSampler:
         """Re-run the transformer on the final latents at t = 0; return every token's keys/values."""
         x3 = repeat_branches(x)
         t0 = torch.zeros(x3.shape[:2], dtype=x.dtype, device=x.device)
-        _, kv = self.forward(x3, t0, cond3, r_s.repeat(NUM_BRANCHES, 1), repeat_branches(positions), past)
+        masks = self.transformer.masks(x.shape[1], past, x.device)
+        _, kv = self.forward(x3, t0, cond3, r_s.repeat(NUM_BRANCHES, 1), repeat_branches(positions), past, masks)
         return kv
 
     def primed_cache(self, fresh: list[LayerKV]) -> list[LayerKV]:

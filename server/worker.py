@@ -117,6 +117,8 @@ class ModelWorker:
                 on_gpu = next(model.parameters()).device.type == "cuda"
                 settings = replace(settings, precision="bfloat16" if on_gpu else "float32")
             self.engine = StreamingEngine(model, settings)
+            if settings.compile:
+                self.engine.precompile()
             self._warm_up()
             log.info("model ready in %.1f s (device %s, %s, %d session slots, KV pool %.1f MiB)",
                      time.perf_counter() - t0, self.engine.device, settings.precision, self.engine.pool.capacity,

@@ -319,6 +319,21 @@ def test_padding_batches_to_a_bucket_changes_nothing(model):
 @pytest.mark.slow
 def test_compiled_transformer_matches_eager(model):
     eager = run_three(model, batch_buckets=(4,))
+    engine = StreamingEngine(model, EngineSettings(max_sessions=4, decode=False, batch_buckets=(4,), compile=True))
+    engine.precompile()  # every bucket and phase compiles here, before any session
     compiled = run_three(model, batch_buckets=(4,), compile=True)
     for sid in eager:
         assert relative_l2(compiled[sid], eager[sid]) < 1e-5, sid
+
+
+def test_speech_pushed_while_a_block_is_in_flight_starts_after_it(model):
+    """A block's conditions are read when it is requested; speech arriving while it is being generated
+    must not land in its frames (its lips would not move) nor be cut from it by a barge-in."""
+    engine = StreamingEngine(model, EngineSettings(max_sessions=1, decode=False))
+    inputs = engine.new_live_inputs()
+    inputs.request(0, 50)  # priming claimed
+    inputs.request(48, 60)  # the next block is being generated: frames 50-59 are claimed
+    assert inputs.push_speech(np.ones(6400, np.float32)) == 60
+    assert inputs.queued_speech_frames() == 10
+    inputs.interrupt()
+    assert inputs.queued_speech_frames() == 0

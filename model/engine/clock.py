@@ -26,8 +26,11 @@ class TimestampMapper:
         if self.offset is not None and abs(lag - self.offset) > self.max_step_s:
             self._samples.clear()
             self.resets += 1
+        # A monotonic deque: lags increase from front to back, so the front is the window's minimum.
+        while self._samples and self._samples[-1][1] >= lag:
+            self._samples.pop()
         self._samples.append((arrival_time, lag))
-        while self._samples and self._samples[0][0] < arrival_time - self.window_s:
+        while self._samples[0][0] < arrival_time - self.window_s:
             self._samples.popleft()
-        self.offset = min(l for _, l in self._samples)
+        self.offset = self._samples[0][1]
         return media_time + self.offset

@@ -106,6 +106,9 @@ class StreamingEngine:
         forward = None
         if self.settings.compile:
             mode = "reduce-overhead" if self.device.type == "cuda" else "default"
+            # One graph per bucket and phase (priming / streaming): allow them all.
+            buckets = len(self.settings.batch_buckets or (1,))
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * buckets + 8)
             forward = torch.compile(model.flow_transformer.forward, mode=mode, dynamic=False)
         self.sampler = GuidedSampler(model.flow_transformer, cfg.sampler,
                                      skip_noop_steps=not self.settings.upstream_steps, forward=forward)
@@ -207,7 +210,7 @@ class StreamingEngine:
         cond = self._conditions(sessions, requests, timer)
         r_s = torch.cat([s.portrait.r_s for s in sessions])
         slots = torch.tensor([s.slot for s in sessions], device=self.device)
-        b, n = len(group), group[0].stop - group[0].start
+        b = len(group)
         extra = self._bucket(b) - b  # inert rows: copies of row 0, never written back
 
         with timer("transformer"):
@@ -284,6 +287,27 @@ class StreamingEngine:
         images = self.model.motion_autoencoder.decode_batch([s.portrait for s in sessions], padded,
                                                             chunk=self.decode_chunk)
         return [to_uint8(images[row, :count]) for row, (_, _, count) in enumerate(spans)]
+
+    @torch.inference_mode()
+    def precompile(self) -> None:
+        """Run every batch bucket through both phases once on dummy inputs, so compiling (and capturing
+        CUDA graphs) happens at start-up, not while live sessions wait."""
+        c = self.tcfg
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            for rows in self.settings.batch_buckets or (1,):
+                for tokens, past_len in ((c.clip_frames, None), (c.block_tokens, c.self_cache_len)):
+                    zeros = lambda *shape: torch.zeros(shape, device=self.device, dtype=self.dtype)  # noqa: E731
+                    cond = Conditions(zeros(rows, tokens, c.dim_a), zeros(rows, tokens, c.dim_a),
+                                      zeros(rows, tokens, c.dim_w))
+                    cond3 = self.sampler.branch_conditions(cond)
+                    past = None if past_len is None else [LayerKV(
+                        zeros(3 * rows, c.num_heads, past_len, c.head_dim), zeros(3 * rows, c.num_heads, past_len, c.head_dim),
+                        zeros(3 * rows, c.num_heads, c.cross_cache_len, c.head_dim),
+                        zeros(3 * rows, c.num_heads, c.cross_cache_len, c.head_dim)) for _ in range(c.depth)]
+                    positions = torch.arange(tokens, device=self.device).expand(rows, -1)
+                    x = self.sampler.denoise(zeros(rows, tokens, c.dim_w), 0 if past is None else c.context_frames,
+                                             cond3, zeros(rows, c.dim_w), positions, past)
+                    self.sampler.clean_pass(x, cond3, zeros(rows, c.dim_w), positions, past)
 
     # -- conditions ---------------------------------------------------------------------------------------
 

@@ -107,7 +107,9 @@ class LiveInputs:
         self.frames = FrameTrack(settings.fps, hold_s=settings.motion_hold_s)
         self.avatar_norm = StreamingNormalizer(fixed_std=settings.avatar_fixed_std)
         self.user_norm = StreamingNormalizer()
-        self.next_frame = 0  # first frame not generated yet
+        # First frame not yet claimed by a block (requested, so possibly being generated right now):
+        # speech pushed or interrupted from now on only touches frames from here.
+        self.next_frame = 0
         self._normalised_until = {"avatar": 0, "user": 0}
 
     # -- pushes (any thread) ------------------------------------------------------------------------------
@@ -131,7 +133,8 @@ class LiveInputs:
         return start // self.spf
 
     def interrupt(self) -> None:
-        """Drop queued speech that has not been generated yet (barge-in)."""
+        """Drop queued speech no block has claimed yet (barge-in); a block being generated keeps its
+        speech, since its lips are being made from it."""
         self.avatar.truncate(self.next_frame * self.spf)
 
     def queued_speech_frames(self) -> int:
@@ -165,6 +168,7 @@ class LiveInputs:
     def request(self, start: int, stop: int) -> BlockRequest:
         # Long enough to cover the span even when the avatar window slides ahead into queued speech; the
         # same for both tracks (and every session) so the engine encodes them in one batch.
+        self.next_frame = max(self.next_frame, stop)
         w = max(self.s.window_frames, stop - start + self.s.avatar_lookahead_frames)
         lookahead = min(self.s.avatar_lookahead_frames, max(0, math.ceil(self.avatar.end / self.spf) - stop))
         user_first, avatar_first = stop - w, stop + lookahead - w
@@ -181,7 +185,6 @@ class LiveInputs:
 
     def consumed(self, frame: int) -> None:
         """Frames before `frame` are generated; keep only what later windows can still read."""
-        self.next_frame = max(self.next_frame, frame)
         keep = (self.s.window_frames + 16) * self.spf
         self.avatar.mark_consumed(frame * self.spf, keep)
         self.user.mark_consumed(frame * self.spf, keep)

@@ -29,7 +29,7 @@ class BlockOutput:
     frames: np.ndarray | None  # [N, S, S, 3] uint8, None when decoding is off
     audio: np.ndarray  # [N * samples_per_frame] float32 avatar speech belonging to these frames
     lead_in: bool  # frames of the silent priming window of a live session
-    ready_at: float  # clock time at which the block's inputs were complete (or given up on)
+    ready_at: float  # clock time at which the block's last input was captured (its inputs complete in real time)
     done_at: float  # clock time at which the outputs were ready
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, shared by the batch
     batch_size: int = 1
@@ -50,7 +50,6 @@ class Session:
     position_offset: int = 0  # RoPE rebasing so far
     context: torch.Tensor | None = None  # [1, context_frames, dim_w] clean latents re-fed next block
     motion_latents: OrderedDict = field(default_factory=OrderedDict)  # webcam frame id -> [dim_w] latent
-    late_blocks: int = 0
     anchor: PoseAnchor | None = None  # drift control state, when enabled
 
     @property
