@@ -22,10 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from avatar_forcing.errors import UserError
+from avatar_forcing.stats import percentile
+
 from .avatar_forcing import AvatarForcing, build_model
 from .engine import STAGES, EngineSettings, StreamingEngine
 from .generate import config_from_arg, pick_device
-from avatar_forcing.errors import UserError
 
 
 @dataclass
@@ -66,13 +68,6 @@ def media_inputs(model: AvatarForcing, folder: Path, seconds: float) -> BenchInp
             break
     return BenchInputs(portrait_crop(portrait_path, size, True), load_audio(folder / "avatar.wav", sr)[: int(seconds * sr)],
                        load_audio(folder / "user.mp4", sr)[: int(seconds * sr)], np.stack(crops))
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
 @dataclass

@@ -18,14 +18,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field, ValidationError
 
 from avatar_forcing.errors import MediaError, NoFaceError
-from model.media.audio import StreamingResampler
+from avatar_forcing.stats import percentile
+from model.media.audio import StreamingResampler, pcm16_to_float
 
 from .avatars import Avatar, AvatarStore
 from .config import ServerSettings
 from .errors import ApiError, error_response
 from .metrics import ServerMetrics
 from .sessions import SessionManager
-from .speech import parse_sample_rate, pcm16_message, test_phrase, wav_body
+from .speech import parse_sample_rate, test_phrase, wav_body
 from .turn import ice_servers
 from .worker import ModelWorker
 
@@ -45,7 +46,6 @@ class AppContext:
     avatars: AvatarStore
     executor: Executor
     sample_rate: int
-    loop_lag_s: float = 0.0
 
 
 def ctx_of(request: Request) -> AppContext:
@@ -122,10 +122,13 @@ def _token_ok(settings: ServerSettings, presented: str | None) -> bool:
         presented is not None and hmac.compare_digest(presented.encode(), settings.auth_token.encode()))
 
 
+def bearer(header: str | None) -> str | None:
+    header = header or ""
+    return header[7:] if header.lower().startswith("bearer ") else None
+
+
 def require_auth(request: Request) -> None:
-    header = request.headers.get("authorization", "")
-    token = header[7:] if header.lower().startswith("bearer ") else None
-    if not _token_ok(ctx_of(request).settings, token):
+    if not _token_ok(ctx_of(request).settings, bearer(request.headers.get("authorization"))):
         raise ApiError(401, "unauthorized", "missing or wrong bearer token: send 'Authorization: Bearer <token>'",
                        {"WWW-Authenticate": "Bearer"})
 
@@ -230,16 +233,9 @@ async def healthz() -> dict:
 @public.get("/readyz", tags=["health"], responses={503: {"description": "not ready"}})
 async def readyz(request: Request):
     ctx = ctx_of(request)
-    if ctx.sessions.draining:
-        return JSONResponse({"status": "not_ready", "reason": "draining"}, 503)
-    if ctx.settings.overload_admission == "predict" and ctx.sessions.would_overload():
-        return JSONResponse({"status": "not_ready", "reason": "overloaded"}, 503)
-    if ctx.worker.error is not None:
-        return JSONResponse({"status": "not_ready", "reason": f"model failed to load: {ctx.worker.error}"}, 503)
-    if not ctx.worker.ready.is_set():
-        return JSONResponse({"status": "not_ready", "reason": "model loading"}, 503)
-    if ctx.sessions.free == 0:
-        return JSONResponse({"status": "not_ready", "reason": "at capacity", "capacity_free": 0}, 503)
+    refused = ctx.sessions.refusal()
+    if refused is not None:
+        return JSONResponse({"status": "not_ready", "reason": refused.code, "detail": refused.message}, 503)
     return {"status": "ready", "capacity_free": ctx.sessions.free}
 
 
@@ -374,8 +370,7 @@ ws_router = APIRouter()
 @ws_router.websocket("/v1/sessions/{session_id}/speech")
 async def speech_stream(websocket: WebSocket, session_id: str):
     ctx: AppContext = websocket.app.state.ctx
-    header = websocket.headers.get("authorization", "")
-    token = header[7:] if header.lower().startswith("bearer ") else websocket.query_params.get("token")
+    token = bearer(websocket.headers.get("authorization")) or websocket.query_params.get("token")
     if not _token_ok(ctx.settings, token):
         return await _deny(websocket, 401, "unauthorized", "missing or wrong token: pass ?token=<token>")
     session = ctx.sessions.sessions.get(session_id)
@@ -402,8 +397,9 @@ async def speech_stream(websocket: WebSocket, session_id: str):
                                     f"a message is at most {MAX_WS_MESSAGE_BYTES} bytes; send smaller chunks")
                     return
                 try:
-                    pcm = pcm16_message(data)
-                    queued = session.push_speech(pcm, rate)
+                    # Resampling is codec work: in a media thread (the socket is read in order, so
+                    # chunks still queue in order).
+                    queued = await in_thread(ctx, lambda: session.push_speech(pcm16_to_float(data), rate))
                 except MediaError as exc:
                     await _ws_error(websocket, 1003, "bad_pcm", str(exc))
                     return
@@ -449,7 +445,6 @@ async def watch_loop_lag(ctx: AppContext, period: float = 0.05, window_s: float 
         window.append((now, lag))
         while window[0][0] < now - window_s:
             window.popleft()
-        lags = sorted(v for _, v in window)
-        for stat, q in (("p50", 0.5), ("p99", 0.99), ("max", 1.0)):
-            ctx.metrics.loop_lag_window.labels(stat).set(lags[min(len(lags) - 1, int(q * (len(lags) - 1)))])
-        ctx.loop_lag_s = lags[-1]
+        lags = [v for _, v in window]
+        for stat, q in (("p50", 50), ("p99", 99), ("max", 100)):
+            ctx.metrics.loop_lag_window.labels(stat).set(percentile(lags, q))

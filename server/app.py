@@ -56,6 +56,7 @@ def create_app(settings: ServerSettings | None = None, *,
     shown = math.ceil(settings.target_latency_s * model_cfg.fps) + model_cfg.transformer.context_frames
     worker = ModelWorker(load_model or default_model_loader(settings),
                          EngineSettings(max_sessions=settings.max_sessions, lead_in_frames_shown=shown,
+                                        portrait_cache=settings.max_sessions,
                                         precision=settings.precision, compile=settings.compile,
                                         batch_buckets=batch_buckets(settings.max_sessions) if settings.compile
                                         else None), metrics,

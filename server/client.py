@@ -24,6 +24,8 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.contrib.media import MediaPlayer
 from aiortc.mediastreams import MediaStreamError
 
+from model.media.audio import frame_to_mono
+
 
 @dataclass
 class Received:
@@ -158,10 +160,7 @@ class AvatarClient:
                 r.video_times.append(now)
                 r.video_size = (frame.width, frame.height)
             else:
-                pcm = frame.to_ndarray().astype(np.float32) / 32768.0
-                channels = len(frame.layout.channels)
-                r.audio.append(pcm.reshape(-1, channels).mean(axis=1) if not frame.format.is_planar
-                               else pcm.mean(axis=0))
+                r.audio.append(frame_to_mono(frame))
                 r.audio_times.append(now)
                 r.audio_rate = frame.sample_rate
 

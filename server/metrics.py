@@ -69,6 +69,8 @@ class ServerMetrics:
                                      "Loop delay over the last 10 s, from every sample: stat p50, p99 or max",
                                      ["stat"], registry=r)
         self.threads = Gauge("avatar_threads", "Python threads alive (a leak shows as growth)", registry=r)
+        self.session_objects = Gauge("avatar_session_objects", "Session objects still in memory, open or "
+                                                               "ended (a leak shows as growth)", registry=r)
         self.loop_tasks = Gauge("avatar_event_loop_tasks", "asyncio tasks alive (a leak shows as growth)",
                                 registry=r)
         self.device_memory = Gauge("avatar_device_memory_bytes", "Accelerator memory", ["kind"], registry=r)

@@ -53,7 +53,6 @@ class Playout:
         self._last_relax = -math.inf
         self._started = False
         self.ended = False
-        self._new_block = asyncio.Event()
         # Counters (read by the session's stats and the metrics).
         self.late_blocks = 0
         self.video_sent = self.video_repeated = self.video_dropped = 0
@@ -79,7 +78,6 @@ class Playout:
         self.blocks.append(block)
         while len(self.blocks) > self.max_blocks:
             self.blocks.popleft()
-        self._new_block.set()
         if self.origin_time is None:
             return False
         now = self.clock()
@@ -188,8 +186,8 @@ class Playout:
             self.audio_silent += samples
             return silence  # the block is late: wait for it
         self.audio_lag = tick - due
-        self.audio_next += samples
-        self.audio_sent += samples
+        self.audio_next += filled  # a late next block then starts where this one ended, not 20 ms in
+        self.audio_sent += filled
         self._release()
         return out
 

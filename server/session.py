@@ -11,15 +11,18 @@ import asyncio
 import logging
 import secrets
 import time
+import weakref
 from concurrent.futures import Executor
 
 import numpy as np
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
+from avatar_forcing.stats import percentile
 from model.engine import BlockOutput
 from model.engine.clock import TimestampMapper
 from model.engine.inputs import LiveInputs
+from model.media.audio import frame_to_mono
 
 from .avatars import Avatar
 from .config import ServerSettings
@@ -33,6 +36,11 @@ from .worker import ModelWorker
 log = logging.getLogger("avatar_forcing.server.session")
 
 
+# Every ServerSession object still in memory (a weak set: it keeps none alive). More of them than open
+# sessions, for long, means something holds ended sessions: a leak of everything they carry.
+ALIVE: weakref.WeakSet = weakref.WeakSet()
+
+
 def new_session_id() -> str:
     return "s_" + secrets.token_urlsafe(12)
 
@@ -41,6 +49,7 @@ class ServerSession:
     def __init__(self, settings: ServerSettings, avatar: Avatar, inputs: LiveInputs, worker: ModelWorker,
                  metrics: ServerMetrics, executor: Executor, fps: int, sample_rate: int, seed: int | None):
         self.id = new_session_id()
+        ALIVE.add(self)
         self.settings, self.avatar, self.inputs = settings, avatar, inputs
         self.worker, self.metrics, self.executor = worker, metrics, executor
         self.seed = seed
@@ -69,6 +78,7 @@ class ServerSession:
         self.user_video_dropped = 0
         self.blocks = 0
         self.block_latency: list[float] = []
+        self.negotiated = False  # the offer was accepted: an ending counts as a session that ended
         self._stats_prev: dict[str, tuple[float, float]] = {}
         self._metric_prev: dict[str, float] = {}
         self.webrtc: dict[str, float] = {}
@@ -108,12 +118,17 @@ class ServerSession:
     async def _on_connection_state(self) -> None:
         state = self.pc.connectionState
         log.info("connection %s", state)
+        if self._closing is not None:
+            return  # ending: nothing may start now
         if state == "connected" and self.clock_start is None:
             self.spawn(self._start_engine())
         elif state in ("failed", "closed"):
             self.close("ice_failed" if state == "failed" else "disconnected")
 
     async def _start_engine(self) -> None:
+        # The sink first: the worker steps the priming block as soon as the session opens, possibly
+        # before this coroutine resumes (Playout.push keeps blocks that come before start()).
+        self.worker.set_sink(self.id, self._from_worker, on_error=self._from_worker_error)
         try:
             session = await self.worker.call(lambda engine: engine.open_session(
                 self.avatar.crop, inputs=self.inputs, seed=self.seed, session_id=self.id))
@@ -121,10 +136,13 @@ class ServerSession:
             log.error("the engine could not open the session: %s", exc)
             self.close("engine_error")
             return
+        if self._closing is not None:  # ended while the engine was opening it: undo
+            sid = self.id
+            self.worker.submit(lambda engine: engine.close_session(sid) if sid in engine.sessions else None)
+            return
         self.seed = session.seed
         self.clock_start = session.clock_start
         self.playout.start(session.clock_start, session.inputs.origin)
-        self.worker.set_sink(self.id, self._from_worker)
         if self.state == "connecting":
             self.state = "live"
         log.info("live (seed %d)", session.seed)
@@ -134,6 +152,14 @@ class ServerSession:
     def _from_worker(self, block: BlockOutput) -> None:
         """Called on the worker thread."""
         self.loop.call_soon_threadsafe(self._on_block, block)
+
+    def _from_worker_error(self, message: str) -> None:
+        """Called on the worker thread when this session's block failed and the engine dropped it."""
+        self.loop.call_soon_threadsafe(self._engine_failed, message)
+
+    def _engine_failed(self, message: str) -> None:
+        log.error("the engine dropped this session: %s", message)
+        self.close("engine_error")
 
     def _on_block(self, block: BlockOutput) -> None:
         if self.state == "closed":
@@ -173,14 +199,7 @@ class ServerSession:
             at = self._session_time(self._mic_clock, frame.pts, frame.time_base, now)
             if at is None:
                 continue  # before the engine session exists: nothing to feed yet
-            pcm = frame.to_ndarray()
-            channels = len(frame.layout.channels)
-            if frame.format.is_planar:
-                pcm = pcm.mean(axis=0)
-            else:
-                pcm = pcm.reshape(-1, channels).mean(axis=1)
-            pcm = pcm.astype(np.float32) / (32768.0 if frame.format.name.startswith("s16") else 1.0)
-            self.inputs.push_user_audio(pcm, at, frame.sample_rate)
+            self.inputs.push_user_audio(frame_to_mono(frame), at, frame.sample_rate)
             self.user_audio_seconds += frame.samples / frame.sample_rate
             self.worker.wake()
 
@@ -247,6 +266,8 @@ class ServerSession:
 
     async def collect_webrtc_stats(self) -> None:
         report = await self.pc.getStats()
+        if self.state == "closed":
+            return  # ended meanwhile: its series are gone and must stay gone
         now = time.monotonic()
         out: dict[str, float] = {}
         bytes_by_dir = {"outbound": 0.0, "inbound": 0.0}
@@ -294,8 +315,9 @@ class ServerSession:
 
     def snapshot(self) -> dict:
         p = self.playout
-        lat = sorted(self.block_latency)
-        pct = (lambda q: round(1000 * lat[min(len(lat) - 1, int(q * (len(lat) - 1)))], 1)) if lat else (lambda q: None)
+        def pct(q: float) -> float | None:
+            return round(1000 * percentile(self.block_latency, q), 1) if self.block_latency else None
+
         return {
             "session_id": self.id,
             "state": self.state,
@@ -319,10 +341,11 @@ class ServerSession:
                 "user_audio_seconds_received": round(self.user_audio_seconds, 2),
                 "user_video_frames_received": self.user_video_frames,
                 "user_video_frames_skipped": self.user_video_dropped,
+                "user_video_frames_overflowed": self.inputs.frames.dropped_frames,
                 "user_audio_late_seconds": round(self.inputs.user.dropped_samples / p.sample_rate, 3),
                 **{f"webrtc_{k}": round(v, 4) for k, v in self.webrtc.items()},
             },
-            "timings": {"block_latency_p50_ms": pct(0.5), "block_latency_p99_ms": pct(0.99)},
+            "timings": {"block_latency_p50_ms": pct(50), "block_latency_p99_ms": pct(99)},
         }
 
     # -- ending ----------------------------------------------------------------------------------------------
@@ -354,3 +377,8 @@ class ServerSession:
         log.info("ended: %s", reason)
         if self.on_closed is not None:
             self.on_closed(self, reason)
+        # Break the reference cycles through this object (event handlers, track callbacks), so its
+        # buffers are freed now rather than at Python's next full collection.
+        self.pc.remove_all_listeners()
+        self.video_out.on_frame = None
+        self.on_closed = None

@@ -12,6 +12,7 @@ from .avatars import Avatar
 from .config import ServerSettings
 from .errors import ApiError
 from .metrics import ServerMetrics
+from . import session as session_module
 from .session import ServerSession
 from .worker import ModelWorker
 
@@ -40,35 +41,38 @@ class SessionManager:
 
     def _update_gauges(self) -> None:
         self.metrics.sessions_active.set(len(self.sessions))
-        predicting = self.settings.overload_admission == "predict"
-        accepting = self.worker.ready.is_set() and not self.draining and not (predicting and self.overloaded)
-        self.metrics.capacity_free.set(self.free if accepting else 0)
+        self.metrics.capacity_free.set(self.free if self.refusal() is None else 0)
+
+    def refusal(self) -> ApiError | None:
+        """Why a new session would be refused now (503 with Retry-After), or None: the one rule behind
+        POST /v1/sessions, /readyz and the free-capacity gauge."""
+        if self.draining:
+            return ApiError(503, "draining", "this server is shutting down; open the session on another one",
+                            {"Retry-After": "1"})
+        if not self.worker.ready.is_set():
+            reason = f"the model failed to load: {self.worker.error}" if self.worker.error else "the model is loading"
+            return ApiError(503, "not_ready", reason, {"Retry-After": str(RETRY_AFTER_LOADING_S)})
+        if self.free == 0:
+            return ApiError(503, "at_capacity", f"all {self.settings.max_sessions} sessions of this server are in "
+                                                f"use; retry later or on another server",
+                            {"Retry-After": str(RETRY_AFTER_FULL_S)})
+        if self.settings.overload_admission == "predict" and self.would_overload():
+            return ApiError(503, "overloaded", "this server's sessions are already behind real time; a new one "
+                                               "would slow them further: retry later or on another server",
+                            {"Retry-After": str(RETRY_AFTER_FULL_S)})
+        return None
 
     def admit(self) -> None:
-        """Refuse a new session now (503 with Retry-After) when this server cannot take it."""
-        if self.draining:
-            self.metrics.sessions_rejected.labels("draining").inc()
-            raise ApiError(503, "draining", "this server is shutting down; open the session on another one",
-                           {"Retry-After": "1"})
-        if self.settings.overload_admission == "predict" and self.would_overload():
-            self.metrics.sessions_rejected.labels("overloaded").inc()
-            raise ApiError(503, "overloaded", "this server's sessions are already behind real time; a new one "
-                                              "would slow them further: retry later or on another server",
-                           {"Retry-After": str(RETRY_AFTER_FULL_S)})
-        if not self.worker.ready.is_set():
-            self.metrics.sessions_rejected.labels("not_ready").inc()
-            reason = f"the model failed to load: {self.worker.error}" if self.worker.error else "the model is loading"
-            raise ApiError(503, "not_ready", reason, {"Retry-After": str(RETRY_AFTER_LOADING_S)})
-        if self.free == 0:
-            self.metrics.sessions_rejected.labels("capacity").inc()
-            raise ApiError(503, "at_capacity", f"all {self.settings.max_sessions} sessions of this server are in "
-                                               f"use; retry later or on another server",
-                           {"Retry-After": str(RETRY_AFTER_FULL_S)})
+        refused = self.refusal()
+        if refused is not None:
+            self.metrics.sessions_rejected.labels(refused.code).inc()
+            raise refused
 
     async def create(self, avatar: Avatar, sdp: str, kind: str, seed: int | None) -> tuple[ServerSession, str]:
         self.admit()  # again: capacity may have gone while the request was read
         engine = self.worker.engine
         inputs = await asyncio.get_running_loop().run_in_executor(self.executor, engine.new_live_inputs)
+        self.admit()  # and again after that await: the check and the insert below must not be split
         session = ServerSession(self.settings, avatar, inputs, self.worker, self.metrics, self.executor,
                                 self.fps, self.sample_rate, seed)
         session.on_closed = self._closed
@@ -83,6 +87,7 @@ class SessionManager:
         except BaseException:
             await session.close("error")
             raise
+        session.negotiated = True
         self.metrics.sessions_started.inc()
         log.info("session %s opened with avatar %s", session.id, avatar.avatar_id, extra={"session_id": session.id})
         return session, answer
@@ -102,7 +107,7 @@ class SessionManager:
         return self.get(session_id).snapshot()
 
     def _closed(self, session: ServerSession, reason: str) -> None:
-        if self.sessions.pop(session.id, None) is not None:
+        if self.sessions.pop(session.id, None) is not None and session.negotiated:
             self.metrics.sessions_ended.labels(reason).inc()
         self.ended[session.id] = (time.monotonic(), session.snapshot())
         self._update_gauges()
@@ -145,6 +150,7 @@ class SessionManager:
             self._update_gauges()
             self.metrics.loop_tasks.set(len(asyncio.all_tasks()))
             self.metrics.threads.set(threading.active_count())
+            self.metrics.session_objects.set(len(session_module.ALIVE))
             self.metrics.queue_depth.labels("output_frames").set(sum(s.playout.queued_frames() for s in self.sessions.values()))
             self.metrics.queue_depth.labels("speech_seconds").set(
                 sum(s.queued_speech_seconds() for s in self.sessions.values()))

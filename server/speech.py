@@ -32,13 +32,6 @@ def parse_sample_rate(raw: str | None) -> int:
     return rate
 
 
-def pcm16_message(data: bytes) -> np.ndarray:
-    """A binary WebSocket message of PCM16 LE mono -> float32; an odd byte count is a framing error."""
-    if len(data) % 2:
-        raise MediaError(f"a PCM16 message must have an even number of bytes, got {len(data)}")
-    return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
-
-
 def wav_body(data: bytes) -> tuple[np.ndarray, int]:
     """A WAV upload -> (mono float32, rate); MediaError for a bad header or no samples."""
     return read_wav_bytes(data)

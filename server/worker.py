@@ -44,6 +44,7 @@ class ModelWorker:
         self._wake = threading.Event()
         self._stopping = False
         self._sinks: dict[str, Sink] = {}
+        self._error_sinks: dict[str, Callable[[str], None]] = {}
         self._thread = threading.Thread(target=self._run, name="model-worker", daemon=True)
         self.engine: StreamingEngine | None = None
         self._busy: deque[tuple[float, float]] = deque()  # (end, seconds) of recent steps
@@ -97,11 +98,15 @@ class ModelWorker:
         self._commands.put(fn)
         self._wake.set()
 
-    def set_sink(self, session_id: str, sink: Sink | None) -> None:
+    def set_sink(self, session_id: str, sink: Sink | None, on_error: Callable[[str], None] | None = None) -> None:
+        """Where a session's blocks go (called on this thread), and who hears if the engine drops it."""
         if sink is None:
             self._sinks.pop(session_id, None)
+            self._error_sinks.pop(session_id, None)
         else:
             self._sinks[session_id] = sink
+            if on_error is not None:
+                self._error_sinks[session_id] = on_error
 
     # -- the thread -----------------------------------------------------------------------------------------
 
@@ -154,9 +159,8 @@ class ModelWorker:
         t0 = time.perf_counter()
         try:
             outputs = engine.step()
-        except Exception:
-            # A failing step must not take the worker down; the sessions in it are ended by their owners.
-            log.exception("engine step failed")
+        except Exception as exc:
+            self._drop_due_sessions(exc)
             return False
         if not outputs:
             return False
@@ -178,6 +182,21 @@ class ModelWorker:
             m.device_memory.labels("allocated").set(torch.cuda.memory_allocated(engine.device))
             m.device_memory.labels("reserved").set(torch.cuda.memory_reserved(engine.device))
         return True
+
+    def _drop_due_sessions(self, exc: Exception) -> None:
+        """A failing step must not take the worker or other sessions down, nor be retried forever: the
+        sessions it was advancing leave the engine (their state may be half-updated) and their owners
+        are told, so they end them."""
+        engine = self.engine
+        failed = [d.session.id for d in engine.due()]
+        log.error("engine step failed for sessions %s: %s", failed, exc, exc_info=exc)
+        for sid in failed:
+            if sid in engine.sessions:
+                engine.close_session(sid)
+            notify = self._error_sinks.get(sid)
+            self._sinks.pop(sid, None)
+            if notify is not None:
+                notify(f"{type(exc).__name__}: {exc}")
 
     def utilisation(self, window_s: float = 5.0) -> float:
         """Share of the last `window_s` the worker spent stepping (1.0: no spare compute, behind real time)."""

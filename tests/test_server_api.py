@@ -321,8 +321,8 @@ def test_more_sessions_than_capacity(http, avatar_id, server):
         assert_error(r, 503, "at_capacity")
         assert int(r.headers["retry-after"]) > 0
         ready = httpx.get(server.base_url + "/readyz")
-        assert ready.status_code == 503 and ready.json()["reason"] == "at capacity"
-        assert server.metric("avatar_sessions_rejected_total", 'reason="capacity"') >= 1
+        assert ready.status_code == 503 and ready.json()["reason"] == "at_capacity"
+        assert server.metric("avatar_sessions_rejected_total", 'reason="at_capacity"') >= 1
     finally:
         for sid in opened:
             http.delete(f"/v1/sessions/{sid}")

@@ -20,7 +20,7 @@ def snapshot(server: ServerProcess) -> dict:
     status = server.status()
     return {"rss_mb": status["VmRSS"] / 1024, "threads": status["Threads"],
             "tasks": server.metric("avatar_event_loop_tasks"), "sessions": server.metric("avatar_sessions_active"),
-            "free": server.metric("avatar_capacity_free_sessions")}
+            "objects": server.metric("avatar_session_objects"), "free": server.metric("avatar_capacity_free_sessions")}
 
 
 async def wait_metric_refresh() -> None:
@@ -52,7 +52,11 @@ def test_random_weights_100_open_close_cycles_leak_nothing(tmp_path):
     assert last["sessions"] == 0 and last["free"] == 2, last
     assert last["tasks"] <= warm["tasks"], "asyncio tasks accumulate"
     assert last["threads"] <= warm["threads"], "threads accumulate"
-    assert last["rss_mb"] - warm["rss_mb"] < 40, f"memory grows: {warm['rss_mb']:.0f} -> {last['rss_mb']:.0f} MB"
+    # Ended sessions are freed (a few may wait for the cyclic collector): nothing they held can pile up.
+    assert last["objects"] <= 3, f"{last['objects']:.0f} session objects outlive their {cycles} sessions"
+    # The process itself: malloc's footprint wanders by tens of MB (measured 579-662 MB over 300 cycles,
+    # no trend); a leak of even one decoded block per session would add ~50 MB per 100 cycles on top.
+    assert last["rss_mb"] - warm["rss_mb"] < 150, f"memory grows: {warm['rss_mb']:.0f} -> {last['rss_mb']:.0f} MB"
     assert log.count('"ended: deleted"') == cycles
 
 

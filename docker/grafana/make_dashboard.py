@@ -121,9 +121,10 @@ ROWS: list[tuple[str, list[tuple[str, str, list[tuple[str, str]], dict]]]] = [
             (quantile(0.99, "avatar_event_loop_lag_seconds"), "p99"),
             (f"max by (stat) (avatar_event_loop_lag_window_seconds{SEL})", "last 10 s, {{stat}} (worst server)"),
         ], {"threshold": 0.1}),
-        ("asyncio tasks and threads (a leak shows as growth)", "none", [
+        ("asyncio tasks, threads and session objects (a leak shows as growth)", "none", [
             (f"sum by (instance) (avatar_event_loop_tasks{SEL})", "{{instance}} tasks"),
             (f"sum by (instance) (avatar_threads{SEL})", "{{instance}} threads"),
+            (f"sum by (instance) (avatar_session_objects{SEL})", "{{instance}} session objects"),
         ], {}),
         ("Accelerator memory", "bytes", [
             (f"sum by (instance, kind) (avatar_device_memory_bytes{SEL})", "{{instance}} {{kind}}"),

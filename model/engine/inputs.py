@@ -12,6 +12,7 @@ prime its cache at once; input time 0 lands on frame `origin`.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,6 +97,7 @@ class LiveInputs:
 
     def __init__(self, settings: LiveSettings, detector: FaceDetector | None = None):
         self.s = settings
+        self._speech_lock = threading.Lock()
         self._speech_resampler: StreamingResampler | None = None
         self._mic_resampler: StreamingResampler | None = None
         self.tracker = FaceTracker(detector or FaceDetector(), size=settings.frame_size)
@@ -128,14 +130,16 @@ class LiveInputs:
     def push_speech(self, pcm: np.ndarray, sample_rate: int | None = None) -> int:
         """Queue avatar speech to play after what is queued; returns the frame it starts at."""
         pcm = self._resampled(pcm, sample_rate, "speech")
-        start = max(self.avatar.end, self.next_frame * self.spf, self.origin * self.spf)
-        self.avatar.write(start, pcm)
+        with self._speech_lock:  # where it goes and writing it there are one step
+            start = max(self.avatar.end, self.next_frame * self.spf, self.origin * self.spf)
+            self.avatar.write(start, pcm)
         return start // self.spf
 
     def interrupt(self) -> None:
         """Drop queued speech no block has claimed yet (barge-in); a block being generated keeps its
         speech, since its lips are being made from it."""
-        self.avatar.truncate(self.next_frame * self.spf)
+        with self._speech_lock:
+            self.avatar.truncate(self.next_frame * self.spf)
 
     def queued_speech_frames(self) -> int:
         """Frames of speech not generated yet (speech never starts inside the silent lead-in)."""

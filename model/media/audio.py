@@ -19,6 +19,14 @@ from model.media._open import open_input
 _INT_FULL_SCALE = {"s16": 32768.0, "s32": 2147483648.0}
 
 
+MIN_WAV_RATE, MAX_WAV_RATE = 1000, 384000  # what a WAV may sensibly declare; beyond, the resampler overflows
+
+
+def frame_to_mono(frame: av.AudioFrame) -> np.ndarray:
+    """A decoded audio frame of any sample format and layout -> float32 mono in [-1, 1]."""
+    return _frame_to_channels(frame).mean(axis=0)
+
+
 def _frame_to_channels(frame: av.AudioFrame) -> np.ndarray:
     """Decoded frame -> float32 array [channels, samples] in [-1, 1]."""
     channels = frame.layout.nb_channels
@@ -72,7 +80,7 @@ def load_audio(path: str | os.PathLike, sample_rate: int = 16000) -> np.ndarray:
                 if resampler is None:
                     resampler = StreamingResampler(frame.sample_rate, sample_rate)
                 # Plain average of the channels: the model listens to speech, not to the stereo image.
-                mono = _frame_to_channels(frame).mean(axis=0)
+                mono = frame_to_mono(frame)
                 pieces.append(resampler.push(mono))
         except av.FFmpegError as e:
             raise MediaError(
@@ -246,6 +254,9 @@ def read_wav_bytes(data: bytes) -> tuple[np.ndarray, int]:
             f"the WAV header is inconsistent ({channels} channels, {rate} Hz, block align {block_align}, "
             f"{bits} bits): re-export the file"
         )
+    if not MIN_WAV_RATE <= rate <= MAX_WAV_RATE:
+        raise MediaError(f"the WAV sample rate {rate} Hz is outside {MIN_WAV_RATE}-{MAX_WAV_RATE} Hz: "
+                         "re-export the audio at a usual rate (16, 24, 44.1 or 48 kHz)")
     n_frames = len(pcm) // block_align
     if n_frames == 0:
         raise MediaError("the WAV file contains zero audio samples: record some sound and upload again")
