@@ -302,6 +302,7 @@ def run_bench_gpu(args) -> int:
     precision = args.precision or ("bfloat16" if device.type == "cuda" else "float32")
     _header(args, model)
 
+    run_sessions(model, inputs, 2, 3, batching=True, precision=precision, compile=args.compile)  # warm-up
     with reference_kernels():
         baseline = run_sessions(model, inputs, 1, args.blocks, batching=False, precision="float32",
                                 upstream_steps=True)
@@ -407,6 +408,7 @@ def run_bench_sampler(args) -> int:
     model = _model_for(args)
     inputs = _inputs_for(args, model, args.blocks)
     _header(args, model)
+    run_sessions(model, inputs, 1, 3, batching=True)  # warm-up: first-call costs stay out of the figures
     stats = run_sessions(model, inputs, 1, args.blocks, batching=True)
     block_s = model.config.transformer.block_frames / model.config.fps
     print(f"\none session, {args.blocks} streaming blocks of {model.config.transformer.block_frames} frames "
@@ -431,6 +433,7 @@ def run_bench_engine(args) -> int:
     print(f"{'N':>4} {'mode':<10}" + "".join(f"{k[:12]:>14}" for k in STAGES)
           + f"{'block p50':>11}{'block p99':>11}{'RTF/sess':>10}{'in time':>9}")
     results: dict[tuple[int, bool], RunStats] = {}
+    run_sessions(model, inputs, max(counts), 3, True, decode=not args.no_decode)  # warm-up: first-call costs
     for n in counts:
         for batching in (True, False):
             stats = run_sessions(model, inputs, n, args.blocks, batching, decode=not args.no_decode)
