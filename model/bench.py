@@ -27,7 +27,8 @@ from avatar_forcing.stats import percentile
 
 from .avatar_forcing import AvatarForcing, build_model
 from .engine import STAGES, EngineSettings, StreamingEngine
-from .generate import config_from_arg, pick_device
+from .config import config_from_name
+from .generate import pick_device
 
 
 @dataclass
@@ -378,7 +379,7 @@ def run_bench_gpu(args) -> int:
 
 
 def _model_for(args) -> AvatarForcing:
-    cfg = config_from_arg(args.config)
+    cfg = config_from_name(args.config)
     device = pick_device(args.device)
     if args.weights:
         from weights.loading import load_model

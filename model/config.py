@@ -226,3 +226,19 @@ def from_golden_dir(folder: str | Path) -> AvatarForcingConfig:
             audio=cfg.audio, transformer=cfg.transformer, sampler=cfg.sampler, name=cfg.name,
         )
     return cfg
+
+
+def config_from_name(value: str | None) -> AvatarForcingConfig:
+    """A configuration named on a command line or in a setting: `official` (the default) or a golden
+    folder holding `small_config.json`."""
+    from avatar_forcing.errors import UserError
+
+    if value in (None, "", "official"):
+        return official()
+    if not (Path(value) / "small_config.json").is_file():
+        raise UserError(f"--config {value}: expected 'official' or a folder with a small_config.json")
+    try:
+        return from_golden_dir(value)
+    except (KeyError, ValueError) as exc:
+        raise UserError(f"--config {value}: its small_config.json is not readable ({exc})") from exc
+

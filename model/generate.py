@@ -12,21 +12,11 @@ from tqdm import tqdm
 
 from avatar_forcing.errors import UserError
 
-from .config import AvatarForcingConfig, from_golden_dir, official
+from .config import config_from_name
 from .media.video import Mp4Writer
 from .offline import OfflineJob, check_files, generate_blocks, prepare
 
 log = logging.getLogger("avatar_forcing.generate")
-
-
-def config_from_arg(value: str) -> AvatarForcingConfig:
-    """`official`, or a folder holding a reference `small_config.json`."""
-    if value == "official":
-        return official()
-    folder = Path(value)
-    if not (folder / "small_config.json").is_file():
-        raise UserError(f"--config {value}: expected 'official' or a folder with a small_config.json")
-    return from_golden_dir(folder)
 
 
 def pick_device(value: str) -> torch.device:
@@ -63,7 +53,7 @@ def run_generate(args: argparse.Namespace) -> int:
     job = OfflineJob(args.avatar_image, args.avatar_audio, args.user_video, args.user_audio,
                      crop_portrait=not args.no_crop, seed=args.seed)
     check_files(job)  # before the (slow) model load
-    cfg = config_from_arg(args.config)
+    cfg = config_from_name(args.config)
     device = pick_device(args.device)
     t0 = time.perf_counter()
     model = load_model(cfg, args.weights, device=device)

@@ -16,6 +16,7 @@ from fastapi.staticfiles import StaticFiles
 
 import avatar_forcing
 from model.avatar_forcing import AvatarForcing
+from model.config import config_from_name
 from model.engine import EngineSettings
 
 from .api import WEB_DIR, AppContext, public, v1, watch_loop_lag, ws_router
@@ -31,10 +32,10 @@ log = logging.getLogger("avatar_forcing.server")
 
 def default_model_loader(settings: ServerSettings) -> Callable[[], AvatarForcing]:
     def load() -> AvatarForcing:
-        from model.generate import config_from_arg, pick_device
+        from model.generate import pick_device
         from weights.loading import load_model
 
-        return load_model(config_from_arg(settings.config), settings.weights, device=pick_device(settings.device))
+        return load_model(config_from_name(settings.config), settings.weights, device=pick_device(settings.device))
 
     return load
 
@@ -48,9 +49,7 @@ def batch_buckets(max_sessions: int) -> tuple[int, ...]:
 def create_app(settings: ServerSettings | None = None, *,
                load_model: Callable[[], AvatarForcing] | None = None) -> FastAPI:
     settings = settings or ServerSettings.from_env()
-    from model.generate import config_from_arg
-
-    model_cfg = config_from_arg(settings.config)  # sizes and rates, before the weights load
+    model_cfg = config_from_name(settings.config)  # sizes and rates, before the weights load
     metrics = ServerMetrics(settings.max_sessions)
     # Lead-in frames the playout can still show when the first streaming block arrives.
     shown = math.ceil(settings.target_latency_s * model_cfg.fps) + model_cfg.transformer.context_frames

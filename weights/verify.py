@@ -15,7 +15,7 @@ from typing import TextIO
 
 from avatar_forcing.errors import WeightsError
 from model.avatar_forcing import build_model
-from model.config import AvatarForcingConfig, from_golden_dir, official
+from model.config import AvatarForcingConfig, config_from_name
 
 from .convert import load_state_dict_file
 from .hub import HUB, how_to_get, locate, locate_config, weights_source
@@ -36,17 +36,6 @@ class FileCheck:
     @property
     def ok(self) -> bool:
         return self.status == OK
-
-
-def config_from_arg(value: str | None) -> AvatarForcingConfig:
-    """`official` (default) or a golden folder holding small_config.json."""
-    if value in (None, "", "official"):
-        return official()
-    try:
-        return from_golden_dir(value)
-    except (FileNotFoundError, KeyError, ValueError) as exc:
-        raise WeightsError(f"--config {value}: not 'official' nor a folder with a readable small_config.json "
-                           f"({exc})") from exc
 
 
 def _size_problem(ckpt: Checkpoint | None, path: Path) -> str:
@@ -135,6 +124,6 @@ def print_table(rows: list[FileCheck], cfg: AvatarForcingConfig, out: TextIO | N
 
 def run_verify(weights: str | os.PathLike | None, config: str | None, *,
                cache_dir: str | os.PathLike | None = None, out: TextIO | None = None) -> int:
-    rows, cfg = verify(weights, config_from_arg(config), cache_dir=cache_dir)
+    rows, cfg = verify(weights, config_from_name(config), cache_dir=cache_dir)
     print_table(rows, cfg, out)
     return 0 if all(r.ok for r in rows) else 1
