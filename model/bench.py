@@ -10,7 +10,6 @@ avatar.wav, user.mp4 and a portrait. Random weights give the same timings as tra
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys

@@ -8,7 +8,6 @@ times and reports the server's memory, threads and tasks after the first cycle a
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import time
 from pathlib import Path

@@ -93,3 +93,35 @@ def assert_matches(actual: torch.Tensor, expected: torch.Tensor, tol: float, wha
     assert tuple(actual.shape) == tuple(expected.shape), f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     err = relative_l2(actual, expected)
     assert err < tol, f"{what}: relative L2 error {err:.3e} >= {tol:.0e}"
+
+
+@functools.lru_cache(maxsize=None)
+def golden_model(gs: GoldenSet):
+    """The model of a golden set, configured from its folder, its weights loaded strictly (shared)."""
+    from model.avatar_forcing import build_model
+    from model.config import from_golden_dir
+
+    model = build_model(from_golden_dir(gs.folder))
+    model.load_state_dict(load_file(str(gs.weights_path)), strict=True)
+    return model
+
+
+def small_model(folder: Path, rope_positions: int | None = None, strong: bool = True):
+    """A fresh small-configuration model from a golden folder (strong/ weights where there are some, as
+    their paths carry more signal), optionally with a different RoPE table length."""
+    import dataclasses
+
+    from model.avatar_forcing import build_model
+    from model.config import from_golden_dir
+
+    cfg = from_golden_dir(folder)
+    if rope_positions:
+        cfg = dataclasses.replace(cfg, transformer=dataclasses.replace(cfg.transformer,
+                                                                       rope_max_positions=rope_positions))
+    model = build_model(cfg)
+    weights = folder / "strong" / "small_weights.safetensors"
+    if not (strong and weights.exists()):
+        weights = folder / "small_weights.safetensors"
+    model.load_state_dict(load_file(str(weights)), strict=True)
+    return model
+

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from golden_data import golden_folders, relative_l2
-from model.avatar_forcing import build_model
-from model.config import from_golden_dir
+from golden_data import golden_folders, relative_l2, small_model
 from model.engine import EngineSettings, LiveSettings, PoolFullError, StreamingEngine
 from model.engine.clock import TimestampMapper
 
@@ -20,20 +16,9 @@ pytestmark = pytest.mark.skipif(FOLDER is None, reason="needs a golden folder fo
 FPS, SR, SPF = 25, 16000, 640
 
 
-def small_model(rope_positions: int | None = None):
-    cfg = from_golden_dir(FOLDER)
-    if rope_positions:
-        cfg = dataclasses.replace(cfg, transformer=dataclasses.replace(cfg.transformer,
-                                                                       rope_max_positions=rope_positions))
-    model = build_model(cfg)
-    strong = FOLDER / "strong" / "small_weights.safetensors"
-    model.load_state_dict(load_file(str(strong if strong.exists() else FOLDER / "small_weights.safetensors")))
-    return model
-
-
 @pytest.fixture(scope="module")
 def model():
-    return small_model()
+    return small_model(FOLDER)
 
 
 def speechlike(seconds: float, seed: int) -> np.ndarray:
@@ -120,7 +105,7 @@ def test_rebased_session_equals_unrebased_run():
     size = None
     outs = {}
     for positions in (128, 4096):
-        m = small_model(positions)
+        m = small_model(FOLDER, positions)
         size = m.config.motion.input_size
         engine = StreamingEngine(m, EngineSettings(max_sessions=1, decode=False))
         session = engine.open_session(portrait(size, 5), seed=5, now=0.0)

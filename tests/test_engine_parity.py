@@ -7,26 +7,15 @@ positions (and priming rows with streaming rows in one step); every one must rep
 
 from __future__ import annotations
 
-import functools
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from golden_data import GoldenSet, assert_matches, golden_sets
-from model.avatar_forcing import build_model
-from model.config import from_golden_dir
+from golden_data import GoldenSet, assert_matches, golden_model, golden_sets
 from model.engine import EngineSettings, PrecomputedInputs, StreamingEngine
 from model.motion_autoencoder import PortraitCode
 
 pytestmark = pytest.mark.parametrize("gs", golden_sets())
-
-
-@functools.lru_cache(maxsize=None)
-def golden_model(gs: GoldenSet):
-    model = build_model(from_golden_dir(gs.folder))
-    model.load_state_dict(load_file(str(gs.weights_path)), strict=True)
-    return model
 
 
 def open_golden_session(engine: StreamingEngine, gs: GoldenSet, session_id: str):

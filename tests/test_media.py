@@ -6,7 +6,6 @@ temporary folders.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import av
 import numpy as np

@@ -6,30 +6,19 @@ strong variant's transformer and sample cases (README of the golden folder, "Tol
 
 from __future__ import annotations
 
-import functools
 import json
 
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 
-from golden_data import GoldenSet, assert_matches, golden_sets
+from golden_data import GoldenSet, assert_matches, golden_model, golden_sets
 from model.audio_encoder import normalize_utterance
-from model.avatar_forcing import AvatarForcing, build_model
-from model.config import from_golden_dir
 from model.media.image import to_model_input as frames_to_model_input
 from model.motion_autoencoder import PortraitCode
 from model.sampler import Conditions, GuidedSampler, rollout
 
 pytestmark = pytest.mark.parametrize("gs", golden_sets())
-
-
-@functools.lru_cache(maxsize=None)
-def golden_model(gs: GoldenSet) -> AvatarForcing:
-    model = build_model(from_golden_dir(gs.folder))
-    model.load_state_dict(load_file(str(gs.weights_path)), strict=True)
-    return model
 
 
 def test_motion_autoencoder_encode(gs: GoldenSet):

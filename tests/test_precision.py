@@ -8,18 +8,16 @@ latents 2.4e-3 / 8.3e-3 (main / strong), frames 2.3e-2 / 2.7e-2.
 
 from __future__ import annotations
 
-import functools
 
 import cv2
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from golden_data import GoldenSet, golden_sets, relative_l2
+from golden_data import GoldenSet, golden_model, golden_sets, relative_l2
 from model.avatar_forcing import build_model
 from model.audio_encoder import normalize_utterance
-from model.config import from_golden_dir, official
+from model.config import official
 from model.engine import EngineSettings, PrecomputedInputs, StreamingEngine
 from model.media.image import to_model_input
 from model.motion_autoencoder import PortraitCode
@@ -38,13 +36,6 @@ def run(model, portrait, inputs_factory, noises, precision: str):
     latents = torch.cat([o.latents.float().cpu() for o in outs])
     frames = torch.cat([torch.from_numpy(o.frames).float() for o in outs])
     return latents, frames
-
-
-@functools.lru_cache(maxsize=None)
-def golden_model(gs: GoldenSet):
-    model = build_model(from_golden_dir(gs.folder))
-    model.load_state_dict(load_file(str(gs.weights_path)))
-    return model
 
 
 @pytest.mark.parametrize("gs", golden_sets())

@@ -2,28 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from golden_data import golden_folders, relative_l2
-from model.avatar_forcing import build_model
-from model.config import from_golden_dir
+from golden_data import golden_folders, relative_l2, small_model
 from model.sampler import Conditions, GuidedSampler, rollout
 
 FOLDER = next((f for f in golden_folders() if (f / "small_config.json").exists()), None)
 pytestmark = pytest.mark.skipif(FOLDER is None, reason="needs a golden folder for the small configuration")
-
-
-def model_with_rope_table(positions: int):
-    cfg = from_golden_dir(FOLDER)
-    cfg = dataclasses.replace(cfg, transformer=dataclasses.replace(cfg.transformer, rope_max_positions=positions))
-    model = build_model(cfg)
-    model.load_state_dict(load_file(str(FOLDER / "strong" / "small_weights.safetensors")
-                                    if (FOLDER / "strong").exists() else str(FOLDER / "small_weights.safetensors")))
-    return model
 
 
 def random_conditions(cfg, frames: int, seed: int = 0) -> tuple[torch.Tensor, Conditions]:
@@ -42,7 +29,7 @@ def seeded_noise(seed: int):
 def test_rebased_positions_equal_an_unrebased_rollout():
     """With a 128-position table the rollout rebases several times; a 4096-position table never does."""
     frames = 300
-    small, large = model_with_rope_table(128), model_with_rope_table(4096)
+    small, large = small_model(FOLDER, 128), small_model(FOLDER, 4096)
     r_s, cond = random_conditions(small.config, frames)
     out_small = rollout(GuidedSampler(small.flow_transformer, small.config.sampler), r_s, cond, frames,
                         seeded_noise(1)).latents
@@ -57,7 +44,7 @@ def test_rebased_positions_equal_an_unrebased_rollout():
 
 
 def test_table_overflow_without_rebase_is_a_clear_error():
-    model = model_with_rope_table(64)
+    model = small_model(FOLDER, 64)
     r_s, cond = random_conditions(model.config, 50)
     ft = model.flow_transformer
     with pytest.raises(ValueError, match="rebase"):
@@ -66,7 +53,7 @@ def test_table_overflow_without_rebase_is_a_clear_error():
 
 
 def test_same_seed_same_output():
-    model = model_with_rope_table(1024)
+    model = small_model(FOLDER, 1024)
     r_s, cond = random_conditions(model.config, 70)
     sampler = GuidedSampler(model.flow_transformer, model.config.sampler)
     a = rollout(sampler, r_s, cond, 70, seeded_noise(5)).latents

@@ -8,11 +8,8 @@ import time
 
 import numpy as np
 import pytest
-from safetensors.torch import load_file
 
-from golden_data import golden_folders
-from model.avatar_forcing import build_model
-from model.config import from_golden_dir
+from golden_data import golden_folders, small_model
 from model.engine import EngineSettings
 from server.metrics import ServerMetrics
 from server.worker import ModelWorker
@@ -21,14 +18,8 @@ FOLDER = next((f for f in golden_folders() if (f / "small_config.json").exists()
 pytestmark = pytest.mark.skipif(FOLDER is None, reason="needs a golden folder for the small configuration")
 
 
-def load():
-    model = build_model(from_golden_dir(FOLDER))
-    model.load_state_dict(load_file(str(FOLDER / "small_weights.safetensors")))
-    return model
-
-
 def test_a_failing_step_drops_its_sessions_tells_their_owners_and_the_worker_goes_on():
-    worker = ModelWorker(load, EngineSettings(max_sessions=4, decode=False), ServerMetrics(4), warmup_blocks=1)
+    worker = ModelWorker(lambda: small_model(FOLDER, strong=False), EngineSettings(max_sessions=4, decode=False), ServerMetrics(4), warmup_blocks=1)
     worker.start()
     try:
         assert worker.ready.wait(120), worker.error
