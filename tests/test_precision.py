@@ -63,7 +63,7 @@ def test_gpu_bf16_full_configuration_matches_fp32_on_scaled_golden_inputs(gs: Go
     (512 px frames, wav2vec2-base), random weights; fp32 and bf16 paths on the GPU."""
     torch.manual_seed(0)
     model = build_model(official(), "cuda")
-    case, raw, enc = gs.case("sample"), gs.inputs("sample"), gs.inputs("ae_encode")
+    raw, enc = gs.inputs("sample"), gs.inputs("ae_encode")
     size = model.config.motion.input_size
     up = lambda img: cv2.resize(img, (size, size), interpolation=cv2.INTER_CUBIC)  # noqa: E731
     with torch.inference_mode():
