@@ -154,23 +154,16 @@ def measure_audio_windows(model: AvatarForcing, folder: Path, windows: list[int]
     from .audio_encoder import normalize_utterance
     from .engine import LiveSettings, PrecomputedInputs
     from .media.audio import load_audio
-    from .media.face import default_detector, fixed_crop_box
-    from .media.image import resize_square, to_model_input
-    from .media.video import iter_video_frames
-    from .offline import audio_features, portrait_crop
+    from .media.face import default_detector
+    from .offline import audio_features, clip_frames, motion_latents, portrait_crop, user_video_crops
 
     cfg = model.config
     sr, spf, size = cfg.sampling_rate, cfg.audio.samples_per_frame, cfg.motion.input_size
     avatar, user = load_audio(folder / "avatar.wav", sr), load_audio(folder / "user.mp4", sr)
-    num_frames = int(np.ceil(max(len(avatar), len(user)) / spf))
-    box = fixed_crop_box(iter_video_frames(folder / "user.mp4"), default_detector(), detect_stride=5)
-    crops = np.stack([resize_square(f[box[1]:box[3], box[0]:box[2]], size)
-                      for f in iter_video_frames(folder / "user.mp4")][:num_frames])
+    num_frames = clip_frames(avatar, user, spf)
+    crops = list(user_video_crops(folder / "user.mp4", size, num_frames, default_detector()))
     portrait = portrait_crop(next(folder.glob("*.jpg")), size, True)
-    with torch.inference_mode():
-        motion = torch.cat([model.motion_autoencoder.encode_motion(to_model_input(crops[i:i + 50]))
-                            for i in range(0, len(crops), 50)])
-    motion = torch.cat([motion, motion[-1:].expand(num_frames - len(motion), -1)])
+    motion = motion_latents(model, crops, num_frames)
     wa_ref, wu_ref = audio_features(model, avatar, num_frames), audio_features(model, user, num_frames)
 
     def run(live: LiveSettings | None = None, fill=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -10,7 +10,7 @@ over the whole clip, as upstream.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,15 +54,28 @@ def portrait_crop(path: Path, size: int, crop: bool, detector: FaceDetector | No
     return resize_square(image, size)
 
 
-@torch.inference_mode()
-def user_motion_latents(model: AvatarForcing, path: Path, num_frames: int, detector: FaceDetector,
-                        chunk: int = 50, progress: Progress | None = None) -> torch.Tensor:
-    """User video -> motion latents [num_frames, dim_w]: fixed face crop, encoded `chunk` frames at a time;
-    a video shorter than the clip holds its last frame, a longer one is cut."""
-    mae = model.motion_autoencoder
-    size = mae.config.input_size
-    param = next(model.parameters())
+def clip_frames(avatar_pcm: np.ndarray, user_pcm: np.ndarray, samples_per_frame: int) -> int:
+    """The reference's clip length: the longer of the two audio tracks, in frames."""
+    return math.ceil(max(len(avatar_pcm), len(user_pcm)) / samples_per_frame)
+
+
+def user_video_crops(path: Path, size: int, num_frames: int, detector: FaceDetector) -> Iterator[np.ndarray]:
+    """The user video's frames (at most num_frames) cut by the reference's one fixed face crop, size x size.
+    The video is read twice (find the face, then crop), so memory does not grow with its length."""
     x0, y0, x1, y1 = fixed_crop_box(iter_video_frames(path), detector, detect_stride=5)
+    for i, frame in enumerate(iter_video_frames(path)):
+        if i >= num_frames:
+            return
+        yield resize_square(frame[y0:y1, x0:x1], size)
+
+
+@torch.inference_mode()
+def motion_latents(model: AvatarForcing, crops: Iterable[np.ndarray], num_frames: int, chunk: int = 50,
+                   progress: Progress | None = None) -> torch.Tensor:
+    """Face crops -> motion latents [num_frames, dim_w], encoded `chunk` at a time; fewer crops than
+    frames hold the last one."""
+    mae = model.motion_autoencoder
+    param = next(model.parameters())
     latents, batch = [], []
 
     def flush() -> None:
@@ -72,10 +85,8 @@ def user_motion_latents(model: AvatarForcing, path: Path, num_frames: int, detec
         if progress:
             progress("user motion", sum(len(x) for x in latents), num_frames)
 
-    for i, frame in enumerate(iter_video_frames(path)):
-        if i >= num_frames:
-            break
-        batch.append(resize_square(frame[y0:y1, x0:x1], size))
+    for crop in crops:
+        batch.append(crop)
         if len(batch) == chunk:
             flush()
     if batch:
@@ -98,8 +109,10 @@ def audio_features(model: AvatarForcing, pcm: np.ndarray, num_frames: int) -> to
 class PreparedJob:
     portrait: np.ndarray  # the face crop, model-sized
     inputs: PrecomputedInputs
-    avatar_pcm: np.ndarray
-    num_frames: int
+
+    @property
+    def num_frames(self) -> int:
+        return self.inputs.total_frames
 
 
 def prepare(model: AvatarForcing, job: OfflineJob, detector: FaceDetector | None = None,
@@ -117,9 +130,9 @@ def prepare(model: AvatarForcing, job: OfflineJob, detector: FaceDetector | None
         user_pcm = load_audio(job.user_video, sr)
     else:  # a silent webcam recording: the user says nothing
         user_pcm = np.zeros(int(round(info.duration_s * sr)), dtype=np.float32)
-    # The reference's clip length: the longer of the two audio tracks, in frames.
-    num_frames = math.ceil(max(len(avatar_pcm), len(user_pcm)) / spf)
-    motion = user_motion_latents(model, job.user_video, num_frames, detector, progress=progress)
+    num_frames = clip_frames(avatar_pcm, user_pcm, spf)
+    crops = user_video_crops(job.user_video, cfg.motion.input_size, num_frames, detector)
+    motion = motion_latents(model, crops, num_frames, progress=progress)
     if progress:
         progress("audio features", 0, 2)
     wa = audio_features(model, avatar_pcm, num_frames)
@@ -127,7 +140,7 @@ def prepare(model: AvatarForcing, job: OfflineJob, detector: FaceDetector | None
     if progress:
         progress("audio features", 2, 2)
     inputs = PrecomputedInputs(wa, wa_user, motion, avatar_pcm=avatar_pcm, samples_per_frame=spf)
-    return PreparedJob(portrait, inputs, avatar_pcm, num_frames)
+    return PreparedJob(portrait, inputs)
 
 
 def generate_blocks(model: AvatarForcing, prepared: PreparedJob, seed: int, decode: bool = True) -> Iterator[BlockOutput]:
