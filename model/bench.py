@@ -25,7 +25,7 @@ from avatar_forcing.errors import UserError
 from avatar_forcing.stats import percentile
 
 from .avatar_forcing import AvatarForcing, build_model
-from .engine import STAGES, EngineSettings, StreamingEngine
+from .engine import STAGES, EngineSettings, StreamingEngine, batch_buckets
 from .config import config_from_name
 from .generate import pick_device
 
@@ -72,8 +72,6 @@ def media_inputs(model: AvatarForcing, folder: Path, seconds: float) -> BenchInp
 
 @dataclass
 class RunStats:
-    sessions: int
-    batching: bool
     block_latency: list[float]  # seconds from "all due" to "outputs ready", one per session-block
     stage: dict[str, list[float]]  # per step, seconds (shared by the batch)
     step_wall: list[float]
@@ -96,7 +94,7 @@ def run_sessions(model: AvatarForcing, inputs: BenchInputs, sessions: int, block
     the sessions served before it.
     """
     cfg = model.config
-    buckets = tuple(sorted({1, 2, 4, 8, 16, 32, 64} | {sessions})) if compile else None
+    buckets = batch_buckets(sessions) if compile else None
     engine = StreamingEngine(model, EngineSettings(max_sessions=sessions, decode=decode, batching=batching,
                                                    precision=precision, upstream_steps=upstream_steps,
                                                    compile=compile, batch_buckets=buckets),
@@ -138,7 +136,7 @@ def run_sessions(model: AvatarForcing, inputs: BenchInputs, sessions: int, block
     wall = time.perf_counter() - t_start
     for s in opened:
         engine.close_session(s.id)
-    return RunStats(sessions, batching, latency, stage, step_wall, blocks * cfg.transformer.block_frames, wall)
+    return RunStats(latency, stage, step_wall, blocks * cfg.transformer.block_frames, wall)
 
 
 def measure_audio_windows(model: AvatarForcing, folder: Path, windows: list[int], lookaheads: list[int],

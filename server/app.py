@@ -17,7 +17,7 @@ from fastapi.staticfiles import StaticFiles
 import avatar_forcing
 from model.avatar_forcing import AvatarForcing
 from model.config import config_from_name
-from model.engine import EngineSettings
+from model.engine import EngineSettings, batch_buckets
 
 from .api import WEB_DIR, AppContext, public, v1, watch_loop_lag, ws_router
 from .avatars import AvatarStore
@@ -38,12 +38,6 @@ def default_model_loader(settings: ServerSettings) -> Callable[[], AvatarForcing
         return load_model(config_from_name(settings.config), settings.weights, device=pick_device(settings.device))
 
     return load
-
-
-def batch_buckets(max_sessions: int) -> tuple[int, ...]:
-    """Powers of two up to the capacity (and the capacity itself): one compiled graph per bucket."""
-    sizes = {1 << i for i in range(max_sessions.bit_length()) if 1 << i <= max_sessions}
-    return tuple(sorted(sizes | {max_sessions}))
 
 
 def create_app(settings: ServerSettings | None = None, *,

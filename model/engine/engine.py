@@ -62,6 +62,12 @@ class EngineSettings:
     portrait_cache: int = 32
 
 
+def batch_buckets(max_sessions: int) -> tuple[int, ...]:
+    """Powers of two up to the capacity, and the capacity itself: one compiled graph per bucket."""
+    sizes = {1 << i for i in range(max_sessions.bit_length()) if 1 << i <= max_sessions}
+    return tuple(sorted(sizes | {max_sessions}))
+
+
 class StageTimer:
     def __init__(self, device: torch.device):
         self.sync = device.type == "cuda"
@@ -392,4 +398,4 @@ class StreamingEngine:
         return self.sampler.rebase(past, torch.tensor(deltas, device=self.device))
 
 
-__all__ = ["EngineSettings", "StreamingEngine", "PoolFullError", "STAGES"]
+__all__ = ["EngineSettings", "StreamingEngine", "PoolFullError", "STAGES", "batch_buckets"]
