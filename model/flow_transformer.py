@@ -80,6 +80,10 @@ class LayerKV:
     cross_k: torch.Tensor
     cross_v: torch.Tensor
 
+    def map(self, fn) -> "LayerKV":
+        """The same function applied to all four tensors (row padding, gathering, ...)."""
+        return LayerKV(fn(self.self_k), fn(self.self_v), fn(self.cross_k), fn(self.cross_v))
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Modules

@@ -228,8 +228,7 @@ class StreamingEngine:
             else:
                 past, num_context = self.pool.gather(slots), c.context_frames
                 past = self._rebase_if_needed(group, past)
-                past = [LayerKV(*(pad_branch_rows(t, extra) for t in (kv.self_k, kv.self_v, kv.cross_k,
-                                                                        kv.cross_v))) for kv in past]
+                past = [kv.map(lambda t: pad_branch_rows(t, extra)) for kv in past]
                 x = torch.cat([torch.cat([s.context, s.noise((1, c.block_frames, c.dim_w))], 1) for s in sessions])
             offsets = torch.tensor([[s.position_offset] for s in sessions], device=self.device)
             positions = torch.stack([torch.arange(d.start, d.stop, device=self.device) for d in group]) - offsets
@@ -241,8 +240,7 @@ class StreamingEngine:
         with timer("cache_update"):
             fresh = self.sampler.clean_pass(x, cond3, r_s, positions, past)
             cache = self.sampler.primed_cache(fresh) if priming else self.sampler.advanced_cache(past, fresh)
-            self.pool.scatter(slots, [LayerKV(*(unpad_branch_rows(t, b) for t in (
-                kv.self_k, kv.self_v, kv.cross_k, kv.cross_v))) for kv in cache])
+            self.pool.scatter(slots, [kv.map(lambda t: unpad_branch_rows(t, b)) for kv in cache])
             x = x[:b]
 
         new = x[:, num_context:]
