@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from avatar_forcing.errors import MediaError, NoFaceError
 from avatar_forcing.stats import percentile
-from model.media.audio import StreamingResampler, pcm16_to_float
+from model.media.audio import pcm16_to_float, resample
 
 from .avatars import Avatar, AvatarStore
 from .config import ServerSettings
@@ -137,16 +137,25 @@ def media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-async def read_body(request: Request, limit: int, what: str) -> bytes:
-    """The whole body, refusing more than `limit` bytes before reading it where the size is declared."""
+def too_large(what: str, limit: int) -> ApiError:
+    return ApiError(413, "too_large", f"{what} is over the {limit}-byte limit")
+
+
+def refuse_declared_size(request: Request, limit: int, what: str) -> None:
+    """413 before reading anything when the declared size is already over the limit."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, "too_large", f"{what} of {int(declared)} bytes is over the {limit}-byte limit")
+        raise too_large(what, limit)
+
+
+async def read_body(request: Request, limit: int, what: str) -> bytes:
+    """The whole body, refusing more than `limit` bytes (before reading it where the size is declared)."""
+    refuse_declared_size(request, limit, what)
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit:
-            raise ApiError(413, "too_large", f"{what} is over the {limit}-byte limit")
+            raise too_large(what, limit)
     return bytes(body)
 
 
@@ -154,16 +163,14 @@ async def read_upload(request: Request, field: str, types: tuple[str, ...], limi
     """A file as a raw body of one of `types`, or as field `field` of a multipart form."""
     kind = media_type(request)
     if kind == "multipart/form-data":
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit + 64 * 1024:
-            raise ApiError(413, "too_large", f"{what} is over the {limit}-byte limit")
+        refuse_declared_size(request, limit + 64 * 1024, what)  # room for the form's own parts and headers
         form = await request.form(max_files=2, max_fields=8, max_part_size=limit)
         upload = form.get(field)
         if upload is None or isinstance(upload, str):
             raise ApiError(400, "missing_file", f"the form has no file field {field!r}")
         data = await upload.read()
         if len(data) > limit:
-            raise ApiError(413, "too_large", f"{what} is over the {limit}-byte limit")
+            raise too_large(what, limit)
         return data
     if kind not in types:
         raise ApiError(415, "unsupported_media_type", f"send {what} as {', '.join(types[:-1])} or as a "
@@ -193,13 +200,6 @@ def known_avatar(ctx: AppContext, avatar_id: str) -> Avatar:
     if avatar is None:
         raise ApiError(404, "unknown_avatar", f"no avatar {avatar_id!r}: upload it with POST /v1/avatars")
     return avatar
-
-
-def resample_whole(pcm: np.ndarray, rate: int, target: int) -> np.ndarray:
-    if rate == target:
-        return pcm.astype(np.float32)
-    r = StreamingResampler(rate, target)
-    return np.concatenate([r.push(pcm), r.flush()])
 
 
 def check_sdp(sdp: str) -> None:
@@ -326,7 +326,7 @@ async def _queue_speech(ctx: AppContext, session_id: str, pcm: np.ndarray, rate:
     if seconds > ctx.settings.max_speech_seconds:
         raise ApiError(413, "too_large", f"{seconds:.1f} s of speech is over the "
                                          f"{ctx.settings.max_speech_seconds:.0f} s limit per request")
-    pcm = await in_thread(ctx, resample_whole, pcm, rate, ctx.sample_rate)
+    pcm = await in_thread(ctx, resample, pcm, rate, ctx.sample_rate)
     session = ctx.sessions.get(session_id)  # again: it may have ended meanwhile
     return SpeechQueued(**session.push_speech(pcm, ctx.sample_rate))
 

@@ -160,6 +160,14 @@ class StreamingResampler:
         return out
 
 
+def resample(pcm: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
+    """A whole clip (mono) from one rate to another, float32."""
+    if from_rate == to_rate:
+        return _as_float_mono(pcm).copy()
+    resampler = StreamingResampler(from_rate, to_rate)
+    return np.concatenate([resampler.push(pcm), resampler.flush()])
+
+
 def pcm16_to_float(b: bytes | bytearray | memoryview | np.ndarray) -> np.ndarray:
     """Little-endian int16 PCM (bytes or an int16 array) -> float32 in [-1, 1)."""
     if isinstance(b, np.ndarray):
