@@ -13,11 +13,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="avatar-forcing", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    from model.generate import add_generate_command
-    from model.bench import add_bench_command
-    from server.cli import add_serve_command
-    from server.loadtest import add_loadtest_command
-    from weights.cli import add_weights_command
+    from avatar_forcing.bench import add_bench_command
+    from avatar_forcing.generate import add_generate_command
+    from avatar_forcing.server.cli import add_serve_command
+    from avatar_forcing.server.loadtest import add_loadtest_command
+    from avatar_forcing.weights.cli import add_weights_command
 
     add_serve_command(sub)
     add_generate_command(sub)

@@ -13,7 +13,7 @@ import json
 import numpy as np
 import websockets
 
-from model.media.audio import read_wav_bytes
+from avatar_forcing.model.media.audio import read_wav_bytes
 
 
 async def main() -> None:

@@ -5,32 +5,5 @@ unless AVATAR_FORCING_KERNELS=reference forces the references everywhere (for A/
 Every kernel has a test comparing the two on random inputs of realistic shapes (tests/test_kernels.py).
 """
 
-from __future__ import annotations
-
-import os
-from collections.abc import Callable
-from dataclasses import dataclass
-
-import torch
-
-
-@dataclass(frozen=True)
-class Kernel:
-    name: str
-    reference: Callable
-    fast: Callable
-    supports: Callable[[torch.device], bool]  # devices where `fast` is valid
-
-    def choose(self, device: torch.device | str) -> Callable:
-        device = torch.device(device)
-        if os.environ.get("AVATAR_FORCING_KERNELS", "fast") == "reference" or not self.supports(device):
-            return self.reference
-        return self.fast
-
-
-def any_device(_: torch.device) -> bool:
-    return True
-
-
-def cuda_only(device: torch.device) -> bool:
-    return device.type == "cuda"
+# No import guard here, unlike the other folders: transformers probes for a top-level `kernels` package
+# (an unrelated PyPI project), and a guard would break that probe whenever this folder is on sys.path.

@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import Kernel, any_device
+from .choice import Kernel, any_device
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import Kernel, any_device
+from .choice import Kernel, any_device
 
 
 def modconv_reference(x: torch.Tensor, weight: torch.Tensor, style: torch.Tensor, demodulate: bool,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import Kernel, any_device
+from .choice import Kernel, any_device
 
 
 def warp_reference(feat: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:

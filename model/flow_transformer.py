@@ -14,11 +14,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kernels.attention import ATTENTION
+from avatar_forcing.kernels.attention import ATTENTION
 
 from .config import FlowTransformerConfig
 from .dual_motion_encoder import DualMotionEncoder
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Positional pieces
@@ -80,7 +79,7 @@ class LayerKV:
     cross_k: torch.Tensor
     cross_v: torch.Tensor
 
-    def map(self, fn) -> "LayerKV":
+    def map(self, fn) -> LayerKV:
         """The same function applied to all four tensors (row padding, gathering, ...)."""
         return LayerKV(fn(self.self_k), fn(self.self_v), fn(self.cross_k), fn(self.cross_v))
 

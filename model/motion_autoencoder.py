@@ -13,10 +13,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from kernels.warp import WARP
+from avatar_forcing.kernels.warp import WARP
 
 from .config import MotionAutoencoderConfig
-from .stylegan_ops import ConvLayer, EqualConv2d, EqualLinear, ResBlock, StyledConv, ModulatedConv2d, Upsample
+from .stylegan_ops import ConvLayer, EqualConv2d, EqualLinear, ModulatedConv2d, ResBlock, StyledConv, Upsample
 
 
 class EncoderApp(nn.Module):

@@ -29,11 +29,11 @@ class Conditions:
     wa_user: torch.Tensor  # user audio features [B, L, dim_a]
     motion_user: torch.Tensor  # user motion latents [B, L, dim_w]
 
-    def rows(self, row: int, start: int, stop: int) -> "Conditions":
+    def rows(self, row: int, start: int, stop: int) -> Conditions:
         """One row's frames [start, stop) as a batch of one."""
         return Conditions(*(x[row:row + 1, start:stop] for x in (self.wa, self.wa_user, self.motion_user)))
 
-    def frames(self, start: int, stop: int) -> "Conditions":
+    def frames(self, start: int, stop: int) -> Conditions:
         """Frames [start, stop), replicate-padding past the end (the reference's rule)."""
         return Conditions(*(_slice_pad(x, start, stop) for x in (self.wa, self.wa_user, self.motion_user)))
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.modconv import MODCONV
+from avatar_forcing.kernels.modconv import MODCONV
 
 
 def make_blur_kernel(taps: Sequence[int], gain: float = 1.0) -> torch.Tensor:

@@ -7,7 +7,7 @@ python="${PYTHON:-.venv/bin/python}"
 if [ "$(id -u)" -eq 0 ] && command -v unshare >/dev/null && command -v ip >/dev/null \
         && unshare -n true 2>/dev/null; then
     exec unshare -n sh -c 'ip link set lo up && ip addr add 127.0.0.2/8 dev lo && exec "$@"' \
-        sh "$python" -m pytest "$@"
+        sh "$python" -P -m pytest "$@"
 fi
 echo "run-tests: no private network namespace here (needs root, unshare and ip); WebRTC tests will skip" >&2
-exec "$python" -m pytest "$@"
+exec "$python" -P -m pytest "$@"

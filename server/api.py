@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-from collections import deque
 import json
 import time
-from dataclasses import dataclass
+from collections import deque
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +18,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field, ValidationError
 
 from avatar_forcing.errors import MediaError, NoFaceError
+from avatar_forcing.model.media.audio import pcm16_to_float, resample
 from avatar_forcing.stats import percentile
-from model.media.audio import pcm16_to_float, resample
 
 from .avatars import Avatar, AvatarStore
 from .config import ServerSettings

@@ -15,9 +15,9 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
 import avatar_forcing
-from model.avatar_forcing import AvatarForcing
-from model.config import config_from_name
-from model.engine import EngineSettings, batch_buckets
+from avatar_forcing.model.avatar_forcing import AvatarForcing
+from avatar_forcing.model.config import config_from_name
+from avatar_forcing.model.engine import EngineSettings, batch_buckets
 
 from .api import WEB_DIR, AppContext, public, v1, watch_loop_lag, ws_router
 from .avatars import AvatarStore
@@ -32,8 +32,8 @@ log = logging.getLogger("avatar_forcing.server")
 
 def default_model_loader(settings: ServerSettings) -> Callable[[], AvatarForcing]:
     def load() -> AvatarForcing:
-        from model.generate import pick_device
-        from weights.loading import load_model
+        from avatar_forcing.model.device import pick_device
+        from avatar_forcing.weights.loading import load_model
 
         return load_model(config_from_name(settings.config), settings.weights, device=pick_device(settings.device))
 

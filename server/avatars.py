@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from model.media.face import FaceDetector, crop_portrait
-from model.media.image import load_image
+from avatar_forcing.model.media.face import FaceDetector, crop_portrait
+from avatar_forcing.model.media.image import load_image
 
 
 @dataclass

@@ -24,7 +24,7 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.contrib.media import MediaPlayer
 from aiortc.mediastreams import MediaStreamError
 
-from model.media.audio import frame_to_mono
+from avatar_forcing.model.media.audio import frame_to_mono
 
 
 @dataclass
@@ -68,7 +68,7 @@ class AvatarClient:
         self.received = Received()
         self._tasks: list[asyncio.Task] = []
 
-    async def __aenter__(self) -> "AvatarClient":
+    async def __aenter__(self) -> AvatarClient:
         return self
 
     async def __aexit__(self, *exc) -> None:

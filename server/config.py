@@ -78,7 +78,7 @@ class ServerSettings:
         return low, high
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> "ServerSettings":
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> ServerSettings:
         env = os.environ if environ is None else environ
         values = {}
         for f in fields(cls):

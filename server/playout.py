@@ -29,7 +29,7 @@ import av
 import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from model.engine import BlockOutput
+from avatar_forcing.model.engine import BlockOutput
 
 VIDEO_CLOCK = 90000
 AUDIO_FRAME_S = 0.02

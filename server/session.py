@@ -18,11 +18,11 @@ import numpy as np
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
+from avatar_forcing.model.engine import BlockOutput
+from avatar_forcing.model.engine.clock import TimestampMapper
+from avatar_forcing.model.engine.inputs import LiveInputs
+from avatar_forcing.model.media.audio import frame_to_mono
 from avatar_forcing.stats import percentile
-from model.engine import BlockOutput
-from model.engine.clock import TimestampMapper
-from model.engine.inputs import LiveInputs
-from model.media.audio import frame_to_mono
 
 from .avatars import Avatar
 from .config import ServerSettings

@@ -8,11 +8,11 @@ import threading
 import time
 from concurrent.futures import Executor
 
+from . import session as session_module
 from .avatars import Avatar
 from .config import ServerSettings
 from .errors import ApiError
 from .metrics import ServerMetrics
-from . import session as session_module
 from .session import ServerSession
 from .worker import ModelWorker
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from avatar_forcing.errors import MediaError
-from model.media.audio import read_wav_bytes
+from avatar_forcing.model.media.audio import read_wav_bytes
 
 log = logging.getLogger("avatar_forcing.server.speech")
 

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from model.avatar_forcing import AvatarForcing
-from model.engine import BlockOutput, EngineSettings, StreamingEngine
+from avatar_forcing.model.avatar_forcing import AvatarForcing
+from avatar_forcing.model.engine import BlockOutput, EngineSettings, StreamingEngine
 
 from .metrics import ServerMetrics
 

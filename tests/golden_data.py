@@ -62,7 +62,7 @@ class GoldenSet:
         return MAIN_TOLERANCE
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
@@ -95,11 +95,11 @@ def assert_matches(actual: torch.Tensor, expected: torch.Tensor, tol: float, wha
     assert err < tol, f"{what}: relative L2 error {err:.3e} >= {tol:.0e}"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def golden_model(gs: GoldenSet):
     """The model of a golden set, configured from its folder, its weights loaded strictly (shared)."""
-    from model.avatar_forcing import build_model
-    from model.config import from_golden_dir
+    from avatar_forcing.model.avatar_forcing import build_model
+    from avatar_forcing.model.config import from_golden_dir
 
     model = build_model(from_golden_dir(gs.folder))
     model.load_state_dict(load_file(str(gs.weights_path)), strict=True)
@@ -111,8 +111,8 @@ def small_model(folder: Path, rope_positions: int | None = None, strong: bool = 
     their paths carry more signal), optionally with a different RoPE table length."""
     import dataclasses
 
-    from model.avatar_forcing import build_model
-    from model.config import from_golden_dir
+    from avatar_forcing.model.avatar_forcing import build_model
+    from avatar_forcing.model.config import from_golden_dir
 
     cfg = from_golden_dir(folder)
     if rope_positions:

@@ -8,7 +8,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from model.media.video import Mp4Writer
+from avatar_forcing.model.media.video import Mp4Writer
 
 
 def wav_bytes(samples: np.ndarray, rate: int, kind: str = "pcm16", extensible: bool = False) -> bytes:

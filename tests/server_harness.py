@@ -19,7 +19,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from golden_data import MEDIA_DIR, golden_folders
 
 RTC_HOST = "127.0.0.2"
@@ -68,7 +67,7 @@ class ServerProcess:
         self.env = env
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 120.0) -> "ServerProcess":
+    def start(self, timeout: float = 120.0) -> ServerProcess:
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "avatar_forcing.cli", "serve"], env=self.env,
                                      stdout=self._log, stderr=subprocess.STDOUT)

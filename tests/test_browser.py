@@ -20,7 +20,6 @@ import av
 import httpx
 import numpy as np
 import pytest
-
 from golden_data import MEDIA_DIR, golden_folders
 from server_harness import RTC_HOST, ServerProcess, host_available, running_server
 
@@ -67,7 +66,6 @@ if _reason:
 from selenium import webdriver  # noqa: E402  (only once we know a browser is there)
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
-
 
 # ---- media for the fake camera and microphone ----
 

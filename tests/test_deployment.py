@@ -30,7 +30,7 @@ import pytest
 
 yaml = pytest.importorskip("yaml", reason="pyyaml is a test dependency (pip install -e .[test])")
 
-from server.config import ServerSettings  # noqa: E402
+from avatar_forcing.server.config import ServerSettings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
@@ -78,7 +78,7 @@ def _setting_names(text: str) -> set[str]:
 @pytest.fixture(scope="module")
 def exported() -> dict[str, set[str]]:
     """{metric family: the series names it exposes} of a fresh ServerMetrics registry."""
-    from server.metrics import ServerMetrics
+    from avatar_forcing.server.metrics import ServerMetrics
 
     families: dict[str, set[str]] = {}
     for family in ServerMetrics(max_sessions=4).registry.collect():

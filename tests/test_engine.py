@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
-
 from golden_data import golden_folders, relative_l2, small_model
-from model.engine import EngineSettings, LiveSettings, PoolFullError, StreamingEngine
-from model.engine.clock import TimestampMapper
+
+from avatar_forcing.model.engine import EngineSettings, LiveSettings, PoolFullError, StreamingEngine
+from avatar_forcing.model.engine.clock import TimestampMapper
 
 FOLDER = next((f for f in golden_folders() if (f / "small_config.json").exists()), None)
 pytestmark = pytest.mark.skipif(FOLDER is None, reason="needs a golden folder for the small configuration")
@@ -251,7 +250,7 @@ def test_timestamp_mapper_follows_drift_and_ignores_jitter():
 
 
 def test_pose_anchor_only_acts_outside_its_band_and_is_bounded():
-    from model.engine.drift import PoseAnchor, PoseAnchorSettings
+    from avatar_forcing.model.engine.drift import PoseAnchor, PoseAnchorSettings
 
     r_s = torch.tensor([3.0, 4.0])  # |r_s| = 5
     anchor = PoseAnchor(PoseAnchorSettings(ema=1.0, deadband=0.25, gain=0.5, max_step=0.05))
@@ -267,7 +266,7 @@ def test_pose_anchor_only_acts_outside_its_band_and_is_bounded():
 
 
 def test_engine_with_pose_anchor_changes_only_streaming_blocks(model):
-    from model.engine import PoseAnchorSettings
+    from avatar_forcing.model.engine import PoseAnchorSettings
 
     size = model.config.motion.input_size
     results = []

@@ -7,13 +7,12 @@ positions (and priming rows with streaming rows in one step); every one must rep
 
 from __future__ import annotations
 
-
 import pytest
 import torch
-
 from golden_data import GoldenSet, assert_matches, golden_model, golden_sets
-from model.engine import EngineSettings, PrecomputedInputs, StreamingEngine
-from model.motion_autoencoder import PortraitCode
+
+from avatar_forcing.model.engine import EngineSettings, PrecomputedInputs, StreamingEngine
+from avatar_forcing.model.motion_autoencoder import PortraitCode
 
 pytestmark = pytest.mark.parametrize("gs", golden_sets())
 

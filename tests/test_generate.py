@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import subprocess
 import sys
+
 import av
 import cv2
 import numpy as np
 import pytest
+from golden_data import DEFAULT_GOLDEN, MEDIA_DIR, golden_folders
+from media_files import write_audio_only_mp4, write_video, write_wav
 
 from avatar_forcing.cli import main
-from golden_data import DEFAULT_GOLDEN, MEDIA_DIR, golden_folders
-from model.media.audio import load_audio
-from model.media.video import iter_video_frames
-from media_files import write_audio_only_mp4, write_video, write_wav
+from avatar_forcing.model.media.audio import load_audio
+from avatar_forcing.model.media.video import iter_video_frames
 
 GOLDEN = next((f for f in golden_folders() if (f / "small_weights.safetensors").exists()), None)
 pytestmark = [

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from golden_data import relative_l2
-from kernels import Kernel
-from kernels.attention import ATTENTION
-from kernels.modconv import MODCONV
-from kernels.warp import WARP
-from model.flow_transformer import lookahead_mask
+
+from avatar_forcing.kernels.attention import ATTENTION
+from avatar_forcing.kernels.choice import Kernel
+from avatar_forcing.kernels.modconv import MODCONV
+from avatar_forcing.kernels.warp import WARP
+from avatar_forcing.model.flow_transformer import lookahead_mask
 
 FP32_BOUND = 1e-5
 BF16_BOUND = 2e-2  # bf16 keeps 8 bits of mantissa: ~4e-3 per rounding, a few roundings deep

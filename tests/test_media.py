@@ -6,14 +6,15 @@ temporary folders.
 
 from __future__ import annotations
 
-
 import av
 import numpy as np
 import pytest
 import torch
+from golden_data import MEDIA_DIR as MEDIA
+from media_files import numbered_frames, peak_frequency, sine, wav_bytes, write_audio_only_mp4, write_clip
 
 from avatar_forcing.errors import MediaError, UserError
-from model.media import (
+from avatar_forcing.model.media import (
     Box,
     FaceDetector,
     FaceTracker,
@@ -34,9 +35,7 @@ from model.media import (
     to_model_input,
     to_uint8,
 )
-from model.media.face import BASELINE_CASCADE
-from golden_data import MEDIA_DIR as MEDIA
-from media_files import numbered_frames, peak_frequency, sine, wav_bytes, write_audio_only_mp4, write_clip
+from avatar_forcing.model.media.face import BASELINE_CASCADE
 
 needs_media = pytest.mark.skipif(
     not (MEDIA / "user.mp4").is_file(),

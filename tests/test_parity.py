@@ -10,13 +10,13 @@ import json
 
 import pytest
 import torch
+from golden_data import GoldenSet, assert_matches, golden_model, golden_sets
 from safetensors import safe_open
 
-from golden_data import GoldenSet, assert_matches, golden_model, golden_sets
-from model.audio_encoder import normalize_utterance
-from model.media.image import to_model_input as frames_to_model_input
-from model.motion_autoencoder import PortraitCode
-from model.sampler import Conditions, GuidedSampler, rollout
+from avatar_forcing.model.audio_encoder import normalize_utterance
+from avatar_forcing.model.media.image import to_model_input as frames_to_model_input
+from avatar_forcing.model.motion_autoencoder import PortraitCode
+from avatar_forcing.model.sampler import Conditions, GuidedSampler, rollout
 
 pytestmark = pytest.mark.parametrize("gs", golden_sets())
 

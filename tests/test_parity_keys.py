@@ -7,10 +7,10 @@ import csv
 
 import pytest
 import torch
-
 from golden_data import golden_folders
-from model.avatar_forcing import build_model
-from model.config import from_golden_dir, official
+
+from avatar_forcing.model.avatar_forcing import build_model
+from avatar_forcing.model.config import from_golden_dir, official
 
 
 def reference_entries(tsv_path) -> dict[str, tuple[tuple[int, ...], str]]:

@@ -8,19 +8,18 @@ latents 2.4e-3 / 8.3e-3 (main / strong), frames 2.3e-2 / 2.7e-2.
 
 from __future__ import annotations
 
-
 import cv2
 import numpy as np
 import pytest
 import torch
-
 from golden_data import GoldenSet, golden_model, golden_sets, relative_l2
-from model.avatar_forcing import build_model
-from model.audio_encoder import normalize_utterance
-from model.config import official
-from model.engine import EngineSettings, PrecomputedInputs, StreamingEngine
-from model.media.image import to_model_input
-from model.motion_autoencoder import PortraitCode
+
+from avatar_forcing.model.audio_encoder import normalize_utterance
+from avatar_forcing.model.avatar_forcing import build_model
+from avatar_forcing.model.config import official
+from avatar_forcing.model.engine import EngineSettings, PrecomputedInputs, StreamingEngine
+from avatar_forcing.model.media.image import to_model_input
+from avatar_forcing.model.motion_autoencoder import PortraitCode
 
 LATENT_BOUND, FRAME_BOUND = 2e-2, 5e-2
 

@@ -9,10 +9,10 @@ import time
 
 import httpx
 import pytest
-
 from golden_data import MEDIA_DIR
-from server.client import AvatarClient
 from server_harness import free_port, needs_golden, needs_media, needs_rtc_host, running_server
+
+from avatar_forcing.server.client import AvatarClient
 
 PROMETHEUS = shutil.which("prometheus")
 PROMTOOL = shutil.which("promtool")

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
-
 from golden_data import golden_folders, relative_l2, small_model
-from model.sampler import Conditions, GuidedSampler, rollout
+
+from avatar_forcing.model.sampler import Conditions, GuidedSampler, rollout
 
 FOLDER = next((f for f in golden_folders() if (f / "small_config.json").exists()), None)
 pytestmark = pytest.mark.skipif(FOLDER is None, reason="needs a golden folder for the small configuration")

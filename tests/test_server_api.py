@@ -13,12 +13,11 @@ import httpx
 import numpy as np
 import pytest
 import websockets
-from websockets.exceptions import ConnectionClosed, InvalidStatus
 from aiortc import RTCPeerConnection
-
 from golden_data import MEDIA_DIR
 from media_files import wav_bytes
 from server_harness import needs_golden, needs_media, running_server
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 pytestmark = [needs_golden, needs_media]
 TOKEN = "s3cret-token"

@@ -8,10 +8,10 @@ import time
 
 import httpx
 import pytest
-
 from golden_data import MEDIA_DIR
-from server.client import AvatarClient
 from server_harness import ServerProcess, needs_golden, needs_media, needs_rtc_host, running_server
+
+from avatar_forcing.server.client import AvatarClient
 
 pytestmark = [needs_rtc_host, needs_golden, needs_media]
 

@@ -15,11 +15,11 @@ import time
 
 import numpy as np
 import pytest
-
 from golden_data import MEDIA_DIR
-from model.media.audio import load_audio
-from server.client import ApiError, AvatarClient
 from server_harness import needs_golden, needs_media, needs_rtc_host, running_server
+
+from avatar_forcing.model.media.audio import load_audio
+from avatar_forcing.server.client import ApiError, AvatarClient
 
 pytestmark = [needs_rtc_host, needs_golden, needs_media]
 
@@ -185,7 +185,7 @@ def test_random_weights_over_capacity_is_503_and_others_keep_running(server, ava
 
 CRASHING_CLIENT = textwrap.dedent("""
     import asyncio, sys
-    from server.client import AvatarClient
+    from avatar_forcing.server.client import AvatarClient
 
     async def main():
         c = AvatarClient(sys.argv[1])

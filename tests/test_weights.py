@@ -21,11 +21,11 @@ import torch
 from safetensors.torch import load_file, save
 
 from avatar_forcing.errors import WeightsError
-from model.avatar_forcing import build_model
-from model.config import from_golden_dir, official
-from weights import convert, hub, loading, verify
-from weights.cli import add_weights_command
-from weights.registry import CHECKPOINTS, MIRROR_REPO, WAV2VEC2_REPO
+from avatar_forcing.model.avatar_forcing import build_model
+from avatar_forcing.model.config import from_golden_dir, official
+from avatar_forcing.weights import convert, hub, loading, verify
+from avatar_forcing.weights.cli import add_weights_command
+from avatar_forcing.weights.registry import CHECKPOINTS, MIRROR_REPO, WAV2VEC2_REPO
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 _golden_env = os.environ.get("AVATAR_FORCING_GOLDEN", "").split(os.pathsep)[0]

@@ -8,11 +8,11 @@ import time
 
 import numpy as np
 import pytest
-
 from golden_data import golden_folders, small_model
-from model.engine import EngineSettings
-from server.metrics import ServerMetrics
-from server.worker import ModelWorker
+
+from avatar_forcing.model.engine import EngineSettings
+from avatar_forcing.server.metrics import ServerMetrics
+from avatar_forcing.server.worker import ModelWorker
 
 FOLDER = next((f for f in golden_folders() if (f / "small_config.json").exists()), None)
 pytestmark = pytest.mark.skipif(FOLDER is None, reason="needs a golden folder for the small configuration")

@@ -22,11 +22,11 @@ import torch
 from torch import nn
 
 from avatar_forcing.errors import WeightsError
-from model.avatar_forcing import AvatarForcing, build_model
-from model.config import AvatarForcingConfig
+from avatar_forcing.model.avatar_forcing import AvatarForcing, build_model
+from avatar_forcing.model.config import AvatarForcingConfig
 
 from .convert import load_state_dict_file
-from .hub import HUB, OfficialFiles, official_files_in_dir, official_files_from_hub, weights_source
+from .hub import HUB, OfficialFiles, official_files_from_hub, official_files_in_dir, weights_source
 from .registry import WAV2VEC2
 
 __all__ = ["LoadReport", "check_state_dict", "is_derived_buffer", "load_into", "load_model",

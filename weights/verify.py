@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import TextIO
 
 from avatar_forcing.errors import WeightsError
-from model.avatar_forcing import build_model
-from model.config import AvatarForcingConfig, config_from_name
+from avatar_forcing.model.avatar_forcing import build_model
+from avatar_forcing.model.config import AvatarForcingConfig, config_from_name
 
 from .convert import load_state_dict_file
 from .hub import HUB, how_to_get, locate, locate_config, weights_source

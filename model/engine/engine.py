@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from ..avatar_forcing import AvatarForcing
+from ..flow_transformer import LayerKV
 from ..media.image import to_model_input, to_uint8
 from ..motion_autoencoder import PortraitCode
-from ..flow_transformer import LayerKV
 from ..sampler import Conditions, GuidedSampler, NoiseFn, pad_branch_rows, pad_rows, unpad_branch_rows
 from .drift import PoseAnchor, PoseAnchorSettings
 from .inputs import BlockRequest, LiveInputs, LiveSettings, PrecomputedInputs

@@ -4,14 +4,14 @@ Every function here raises `avatar_forcing.errors.MediaError` for bad input (mis
 decodable, empty, no face), so callers can show the message to the user as it is.
 """
 
-from model.media.audio import (
+from avatar_forcing.model.media.audio import (
     StreamingResampler,
     float_to_pcm16,
     load_audio,
     pcm16_to_float,
     read_wav_bytes,
 )
-from model.media.face import (
+from avatar_forcing.model.media.face import (
     Box,
     FaceDetector,
     FaceTracker,
@@ -20,8 +20,8 @@ from model.media.face import (
     fixed_crop_box,
     square_crop_box,
 )
-from model.media.image import load_image, resize_square, to_model_input, to_uint8
-from model.media.video import Mp4Writer, VideoInfo, iter_video_frames, probe_video, read_video_frames
+from avatar_forcing.model.media.image import load_image, resize_square, to_model_input, to_uint8
+from avatar_forcing.model.media.video import Mp4Writer, VideoInfo, iter_video_frames, probe_video, read_video_frames
 
 __all__ = [
     "Box",

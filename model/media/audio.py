@@ -13,7 +13,7 @@ import av
 import numpy as np
 
 from avatar_forcing.errors import MediaError
-from model.media._open import open_input
+from avatar_forcing.model.media._open import open_input
 
 # Full scale of each integer sample format, so that integer PCM maps to [-1, 1).
 _INT_FULL_SCALE = {"s16": 32768.0, "s32": 2147483648.0}

@@ -8,15 +8,15 @@ inside opencv-python-headless 4.x and needs no download, with the same scaling a
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import NamedTuple
 
 import cv2
 import numpy as np
 
 from avatar_forcing.errors import MediaError, NoFaceError, UserError
-from model.media.image import resize_square
+from avatar_forcing.model.media.image import resize_square
 
 # Haar frontal-face cascades shipped in opencv-python-headless 4.x. Measured on the 396 frames of the
 # sample user video (every 3rd) and on 60 noise / blurred-noise images, at scale 1.1, 5 neighbours:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from avatar_forcing.errors import MediaError
-from model.media._open import check_input_file
+from avatar_forcing.model.media._open import check_input_file
 
 
 def load_image(path_or_bytes: str | os.PathLike | bytes | bytearray | memoryview) -> np.ndarray:

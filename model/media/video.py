@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import os
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterator
 
 import av
 import numpy as np
 
 from avatar_forcing.errors import MediaError
-from model.media._open import open_input
+from avatar_forcing.model.media._open import open_input
 
 
 @dataclass(frozen=True)
@@ -282,7 +282,7 @@ class Mp4Writer:
         finally:
             self._container.close()
 
-    def __enter__(self) -> "Mp4Writer":
+    def __enter__(self) -> Mp4Writer:
         return self
 
     def __exit__(self, *exc) -> None:

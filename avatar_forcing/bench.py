@@ -24,10 +24,10 @@ import torch
 from avatar_forcing.errors import UserError
 from avatar_forcing.stats import percentile
 
-from .avatar_forcing import AvatarForcing, build_model
-from .engine import STAGES, EngineSettings, StreamingEngine, batch_buckets
-from .config import config_from_name
-from .generate import pick_device
+from .model.avatar_forcing import AvatarForcing, build_model
+from .model.config import config_from_name
+from .model.device import pick_device
+from .model.engine import STAGES, EngineSettings, StreamingEngine, batch_buckets
 
 
 @dataclass
@@ -52,10 +52,10 @@ def synthetic_inputs(model: AvatarForcing, seconds: float, seed: int = 0) -> Ben
 
 
 def media_inputs(model: AvatarForcing, folder: Path, seconds: float) -> BenchInputs:
-    from .media.audio import load_audio
-    from .media.face import FaceTracker
-    from .media.video import iter_video_frames
-    from .offline import portrait_crop
+    from .model.media.audio import load_audio
+    from .model.media.face import FaceTracker
+    from .model.media.video import iter_video_frames
+    from .model.offline import portrait_crop
 
     cfg = model.config
     size, sr = cfg.motion.input_size, cfg.sampling_rate
@@ -149,11 +149,11 @@ def measure_audio_windows(model: AvatarForcing, folder: Path, windows: list[int]
     running normaliser; "utterance" feeds audio already normalised over the whole clip, isolating the
     effect of the window itself.
     """
-    from .audio_encoder import normalize_utterance
-    from .engine import LiveSettings, PrecomputedInputs
-    from .media.audio import load_audio
-    from .media.face import default_detector
-    from .offline import audio_features, clip_frames, motion_latents, portrait_crop, user_video_crops
+    from .model.audio_encoder import normalize_utterance
+    from .model.engine import LiveSettings, PrecomputedInputs
+    from .model.media.audio import load_audio
+    from .model.media.face import default_detector
+    from .model.offline import audio_features, clip_frames, motion_latents, portrait_crop, user_video_crops
 
     cfg = model.config
     sr, spf, size = cfg.sampling_rate, cfg.audio.samples_per_frame, cfg.motion.input_size
@@ -220,7 +220,7 @@ def run_bench_audio_window(args) -> int:
 def measure_drift(model: AvatarForcing, inputs: BenchInputs, seconds: float, anchor: bool, seed: int = 0):
     """One live session for `seconds` of video, inputs looped; yields (time_s, |block mean - r_s| / |r_s|)
     per block, the distance the pose anchor acts on."""
-    from .engine import PoseAnchorSettings
+    from .model.engine import PoseAnchorSettings
 
     cfg = model.config
     settings = EngineSettings(max_sessions=1, decode=False, pose_anchor=PoseAnchorSettings() if anchor else None)
@@ -372,7 +372,7 @@ def _model_for(args) -> AvatarForcing:
     cfg = config_from_name(args.config)
     device = pick_device(args.device)
     if args.weights:
-        from weights.loading import load_model
+        from avatar_forcing.weights.loading import load_model
 
         return load_model(cfg, args.weights, device=device)
     torch.manual_seed(0)

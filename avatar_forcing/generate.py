@@ -7,24 +7,15 @@ import logging
 import time
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
-from avatar_forcing.errors import UserError
-
-from .config import config_from_name
-from .media.video import Mp4Writer
-from .offline import OfflineJob, check_files, generate_blocks, prepare
+from .errors import UserError
+from .model.config import config_from_name
+from .model.device import pick_device
+from .model.media.video import Mp4Writer
+from .model.offline import OfflineJob, check_files, generate_blocks, prepare
 
 log = logging.getLogger("avatar_forcing.generate")
-
-
-def pick_device(value: str) -> torch.device:
-    if value == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if value.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {value}: no CUDA device is available here; use --device cpu")
-    return torch.device(value)
 
 
 def add_generate_command(subparsers) -> None:
@@ -46,7 +37,7 @@ def add_generate_command(subparsers) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from weights.loading import load_model
+    from avatar_forcing.weights.loading import load_model
 
     if args.output.suffix.lower() != ".mp4":
         raise UserError(f"output {args.output} must end in .mp4")
