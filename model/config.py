@@ -8,7 +8,7 @@ of the official configuration. `official()` is the released `configs/inference.y
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -221,11 +221,11 @@ def from_golden_dir(folder: str | Path) -> AvatarForcingConfig:
     cfg = from_reference_options(opts, channels=channels, wav2vec2=w2v, name=raw.get("name", str(folder)))
     blur = tuple(mae.get("blur_kernel", (1, 3, 3, 1)))
     if blur != cfg.motion.blur_kernel:
-        cfg = AvatarForcingConfig(
-            motion=MotionAutoencoderConfig(**{**asdict(cfg.motion), "blur_kernel": blur}),
-            audio=cfg.audio, transformer=cfg.transformer, sampler=cfg.sampler, name=cfg.name,
-        )
-    return cfg
+        cfg = replace(cfg, motion=replace(cfg.motion, blur_kernel=blur))
+    # The sampling settings the reference run recorded take precedence over the option defaults.
+    used = raw.get("sampling_used_for_case_sample", {})
+    recorded = {k: type(getattr(cfg.sampler, k))(used[k]) for k in ("nfe", "a_cfg_scale", "u_cfg_scale") if k in used}
+    return replace(cfg, sampler=replace(cfg.sampler, **recorded))
 
 
 def config_from_name(value: str | None) -> AvatarForcingConfig:

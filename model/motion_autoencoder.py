@@ -176,7 +176,7 @@ class Synthesis(nn.Module):
             raise ValueError(f"{batch} frames cannot be split evenly over {feats[0].shape[0]} portraits")
         out = self.conv1(self.input(batch).to(latent.dtype), latent)
         rgb = flow_logits = flow = None
-        for level, (to_rgb, to_flow) in enumerate(zip(self.to_rgbs, self.to_flows)):
+        for level, (to_rgb, to_flow) in enumerate(zip(self.to_rgbs, self.to_flows, strict=True)):
             out = self.convs[2 * level](out, latent)
             out = self.convs[2 * level + 1](out, latent)
             warped, out, flow_logits, grid = to_flow(out, latent, feats[level], flow_logits)

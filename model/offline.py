@@ -143,7 +143,8 @@ def prepare(model: AvatarForcing, job: OfflineJob, detector: FaceDetector | None
     return PreparedJob(portrait, inputs)
 
 
-def generate_blocks(model: AvatarForcing, prepared: PreparedJob, seed: int, decode: bool = True) -> Iterator[BlockOutput]:
+def generate_blocks(model: AvatarForcing, prepared: PreparedJob, seed: int,
+                    decode: bool = True) -> Iterator[BlockOutput]:
     """Run the prepared clip through a one-session engine; yields its blocks in order."""
     engine = StreamingEngine(model, EngineSettings(max_sessions=1, decode=decode))
     session = engine.open_session(prepared.portrait, inputs=prepared.inputs, seed=seed)

@@ -110,7 +110,9 @@ class GuidedSampler:
         r_s3, pos3 = repeat_branches(r_s), repeat_branches(positions)
         masks = self.transformer.masks(n, past, x.device)
         for step in self.steps:
-            t_frames = torch.where(is_new, step.t_cur, 0.0).to(x.dtype).expand(NUM_BRANCHES * b, n)
+            # Contiguous, as in the clean pass: a compiled graph specialises on strides, and one layout
+            # for both calls keeps it to one graph per bucket and phase.
+            t_frames = torch.where(is_new, step.t_cur, 0.0).to(x.dtype).expand(NUM_BRANCHES * b, n).contiguous()
             v_branches, _ = self.forward(repeat_branches(x), t_frames, cond3, r_s3, pos3, past, masks)
             v = self.guide(v_branches)
             # The solver update runs in float64, as upstream: x <- x + (sigma_next - sigma_cur) v.
@@ -163,7 +165,7 @@ class GuidedSampler:
         new_end = c.block_tokens - c.context_frames
         x0, x1 = new_end - c.cross_cache_len, new_end
         out = []
-        for old, kv in zip(past, fresh):
+        for old, kv in zip(past, fresh, strict=True):
             out.append(LayerKV(
                 torch.cat([old.self_k[:, :, keep:], kv.self_k[:, :, :new_end]], 2),
                 torch.cat([old.self_v[:, :, keep:], kv.self_v[:, :, :new_end]], 2),
@@ -171,63 +173,3 @@ class GuidedSampler:
                 kv.cross_v[:, :, x0:x1],
             ))
         return out
-
-
-@dataclass
-class RolloutResult:
-    latents: torch.Tensor  # [B, T, dim_w]
-    trace: dict | None = None
-
-
-def rollout(sampler: GuidedSampler, r_s: torch.Tensor, cond: Conditions, num_frames: int, noise: NoiseFn,
-            trace: bool = False) -> RolloutResult:
-    """Offline generation of num_frames motion latents, exactly as the reference `sample()` does it:
-    a priming window of `clip_frames`, then streaming blocks of `block_frames` over a KV cache."""
-    c = sampler.tcfg
-    b, device = r_s.shape[0], r_s.device
-    record: dict | None = {"blocks": []} if trace else None
-
-    def block_trace(**tensors) -> dict | None:
-        if record is None:
-            return None
-        entry = dict(tensors)
-        record["blocks"].append(entry)
-        return entry
-
-    # Priming window.
-    span = cond.frames(0, c.clip_frames)
-    cond3 = sampler.branch_conditions(span)
-    positions = torch.arange(c.clip_frames, device=device).expand(b, -1)
-    x_init = noise((b, c.clip_frames, c.dim_w))
-    entry = block_trace(x_init=x_init, c=cond3, wa_in=span.wa, wa_user_in=span.wa_user,
-                        motion_user_in=span.motion_user)
-    x = sampler.denoise(x_init, 0, cond3, r_s, positions, None, entry)
-    cache = sampler.primed_cache(sampler.clean_pass(x, cond3, r_s, positions, None))
-    if entry is not None:
-        entry["cache_update_x"] = repeat_branches(x)
-        record["kv_after_priming"] = cache
-    pieces = [x]
-
-    offset = 0  # how far positions have been rebased
-    table = sampler.transformer.rope.shape[0]
-    for start in range(c.clip_frames, num_frames, c.block_frames):
-        first = start - c.context_frames
-        span = cond.frames(first, start + c.block_frames)
-        cond3 = sampler.branch_conditions(span)
-        if start + c.block_frames - offset > table:
-            delta = first - offset - c.rebase_position
-            cache = sampler.rebase(cache, torch.full((b,), delta, device=device))
-            offset += delta
-        positions = torch.arange(first - offset, start + c.block_frames - offset, device=device).expand(b, -1)
-        x_init = torch.cat([x[:, -c.context_frames:], noise((b, c.block_frames, c.dim_w))], dim=1)
-        entry = block_trace(x_init=x_init, c=cond3, wa_in=span.wa, wa_user_in=span.wa_user,
-                            motion_user_in=span.motion_user)
-        x = sampler.denoise(x_init, c.context_frames, cond3, r_s, positions, cache, entry)
-        cache = sampler.advanced_cache(cache, sampler.clean_pass(x, cond3, r_s, positions, cache))
-        if entry is not None:
-            entry["cache_update_x"] = repeat_branches(x)
-        pieces.append(x[:, c.context_frames:])
-
-    if record is not None:
-        record["kv_final"] = cache
-    return RolloutResult(torch.cat(pieces, dim=1)[:, :num_frames], record)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .config import SamplerConfig
@@ -33,8 +34,11 @@ class FlowMatchSchedule:
         self.num_train_timesteps = n
         self.sigmas = torch.linspace(1.0, 0.0, n, dtype=torch.float32)
         self.timesteps = self.sigmas * n
-        # nfe - 1 transformer evaluations per block, from pure noise (t = n) down to t = 0.
-        self.denoising_timesteps = torch.linspace(float(n), 0.0, cfg.nfe - 1, dtype=torch.float32)
+        # nfe - 1 transformer evaluations per block, from pure noise (t = n) down to t = 0. The reference
+        # builds this list with numpy's float64 linspace and casts it to fp32 (MODEL_SPEC §3); a float32
+        # torch.linspace differs in the last bit for some nfe.
+        self.denoising_timesteps = torch.tensor(np.linspace(float(n), 0.0, cfg.nfe - 1).tolist(),
+                                                dtype=torch.float32)
         self.steps = self._solver_steps()
 
     def sigma_of(self, t: float) -> float:

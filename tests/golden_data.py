@@ -7,13 +7,16 @@ own weights and the cases that depend on them.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -90,27 +93,68 @@ def relative_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def assert_matches(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str) -> None:
-    assert tuple(actual.shape) == tuple(expected.shape), f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    shapes = tuple(actual.shape), tuple(expected.shape)
+    assert shapes[0] == shapes[1], f"{what}: shape {shapes[0]} != {shapes[1]}"
     err = relative_l2(actual, expected)
     assert err < tol, f"{what}: relative L2 error {err:.3e} >= {tol:.0e}"
 
 
+def case_meta(gs: GoldenSet, name: str) -> dict:
+    """The scalar settings a case recorded (its `meta` JSON)."""
+    own = gs.case_dir / f"case_{name}.safetensors"
+    path = own if own.exists() else gs.folder / f"case_{name}.safetensors"
+    with safe_open(str(path), "pt") as f:
+        return json.loads((f.metadata() or {}).get("meta", "{}"))
+
+
+def recorded_sampler(gs: GoldenSet):
+    """The sampler settings the reference used for case_sample, from the case's own record."""
+    from avatar_forcing.model.config import SamplerConfig, from_golden_dir
+
+    meta = case_meta(gs, "sample")
+    base = from_golden_dir(gs.folder).sampler
+    return SamplerConfig(nfe=int(meta["nfe"]), num_train_timesteps=base.num_train_timesteps,
+                         a_cfg_scale=float(meta["a_cfg_scale"]), u_cfg_scale=float(meta["u_cfg_scale"]))
+
+
 @functools.cache
 def golden_model(gs: GoldenSet):
-    """The model of a golden set, configured from its folder, its weights loaded strictly (shared)."""
+    """The model of a golden set, configured from its folder (sampler: what case_sample recorded), its
+    weights loaded strictly (shared)."""
     from avatar_forcing.model.avatar_forcing import build_model
     from avatar_forcing.model.config import from_golden_dir
 
-    model = build_model(from_golden_dir(gs.folder))
+    cfg = from_golden_dir(gs.folder)
+    if gs.has_case("sample"):
+        cfg = dataclasses.replace(cfg, sampler=recorded_sampler(gs))
+    model = build_model(cfg)
     model.load_state_dict(load_file(str(gs.weights_path)), strict=True)
     return model
+
+
+def engine_rollout(model, r_s: torch.Tensor, cond, num_frames: int, *, seed: int | None = None, noise=None,
+                   trace: bool = False, upstream_steps: bool = False):
+    """Offline generation of num_frames motion latents through the production path (the streaming engine
+    and its block runner, one session, precomputed conditions). Returns latents [1, T, dim_w] and, when
+    asked, the runner's per-block trace."""
+    from avatar_forcing.model.engine import EngineSettings, PrecomputedInputs, StreamingEngine
+    from avatar_forcing.model.motion_autoencoder import PortraitCode
+
+    engine = StreamingEngine(model, EngineSettings(max_sessions=1, decode=False, upstream_steps=upstream_steps))
+    engine.trace = [] if trace else None
+    wa, wa_user, motion = (x[0, :num_frames] for x in (cond.wa, cond.wa_user, cond.motion_user))
+    session = engine.open_session(PortraitCode(torch.zeros_like(r_s), [], r_s),
+                                  inputs=PrecomputedInputs(wa, wa_user, motion), seed=seed, noise=noise)
+    blocks = []
+    while not session.finished:
+        blocks.extend(out.latents for out in engine.step(now=0.0))
+    engine.close_session(session.id)
+    return torch.cat(blocks)[None], engine.trace
 
 
 def small_model(folder: Path, rope_positions: int | None = None, strong: bool = True):
     """A fresh small-configuration model from a golden folder (strong/ weights where there are some, as
     their paths carry more signal), optionally with a different RoPE table length."""
-    import dataclasses
-
     from avatar_forcing.model.avatar_forcing import build_model
     from avatar_forcing.model.config import from_golden_dir
 

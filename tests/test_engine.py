@@ -7,12 +7,20 @@ import pytest
 import torch
 from golden_data import golden_folders, relative_l2, small_model
 
+from avatar_forcing.model.config import from_golden_dir
 from avatar_forcing.model.engine import EngineSettings, LiveSettings, PoolFullError, StreamingEngine
 from avatar_forcing.model.engine.clock import TimestampMapper
 
 FOLDER = next((f for f in golden_folders() if (f / "small_config.json").exists()), None)
 pytestmark = pytest.mark.skipif(FOLDER is None, reason="needs a golden folder for the small configuration")
-FPS, SR, SPF = 25, 16000, 640
+# Rates and sizes from the folder's configuration (any reference folder, not one set's values).
+CFG = from_golden_dir(FOLDER) if FOLDER else None
+FPS = CFG.fps if CFG else 25
+SR = CFG.sampling_rate if CFG else 16000
+SPF = SR // FPS
+CLIP = CFG.transformer.clip_frames if CFG else 50  # the priming window, and the live lead-in
+BLOCK = CFG.transformer.block_frames if CFG else 10
+BLOCK_S = BLOCK / FPS
 
 
 @pytest.fixture(scope="module")
@@ -91,9 +99,9 @@ def test_session_replays_exactly_with_its_seed(model):
         return [engine.step(now=LATE)[0] for _ in range(3)]
 
     a, b, c = run(11), run(11), run(12)
-    assert all(np.array_equal(x.frames, y.frames) for x, y in zip(a, b))
+    assert all(np.array_equal(x.frames, y.frames) for x, y in zip(a, b, strict=True))
     assert not np.array_equal(a[-1].frames, c[-1].frames)
-    assert a[0].frames.shape == (50, size, size, 3) and a[1].frames.shape == (10, size, size, 3)
+    assert a[0].frames.shape == (CLIP, size, size, 3) and a[1].frames.shape == (BLOCK, size, size, 3)
 
 
 # -- unbounded sessions ------------------------------------------------------------------------------------
@@ -112,7 +120,7 @@ def test_rebased_session_equals_unrebased_run():
         outs[positions] = torch.cat([engine.step(now=LATE)[0].latents for _ in range(26)])
         if positions == 128:
             assert session.position_offset > 0, "the short table never rebased"
-    assert outs[128].shape[0] == 50 + 25 * 10
+    assert outs[128].shape[0] == CLIP + 25 * BLOCK
     assert relative_l2(outs[128], outs[4096]) < 1e-5
 
 
@@ -130,7 +138,6 @@ def test_pool_capacity_and_slot_reuse(model):
     c = engine.open_session(portrait(size, 3), now=0.0)
     assert c.slot == a.slot
     assert engine.portraits.misses == 3  # one encoding per distinct portrait
-    engine.open_session(portrait(size, 3), now=0.0) if engine.capacity_left else None
     assert engine.capacity_left == 0
 
 
@@ -144,9 +151,9 @@ def test_silent_session_keeps_to_its_schedule(model):
     session = engine.open_session(portrait(size, 1), now=0.0)
     assert [o.first_frame for o in engine.step(now=0.0)] == [0]  # the silent lead-in primes at once
     wait = engine.live_settings.max_wait_frames / FPS
-    assert engine.step(now=0.4 + wait - 0.01) == []
-    (block,) = engine.step(now=0.4 + wait + 0.001)
-    assert block.first_frame == 50 and not block.lead_in
+    assert engine.step(now=BLOCK_S + wait - 0.01) == []
+    (block,) = engine.step(now=BLOCK_S + wait + 0.001)
+    assert block.first_frame == CLIP and not block.lead_in
     assert np.all(block.audio == 0)
     assert session.inputs.frames.slot(0).frame_id is None
 
@@ -156,8 +163,8 @@ def test_microphone_audio_makes_blocks_due_without_waiting(model):
     engine = StreamingEngine(model, EngineSettings(max_sessions=1, decode=False))
     session = engine.open_session(portrait(size, 1), now=0.0)
     engine.step(now=0.0)
-    session.inputs.push_user_audio(speechlike(0.4, 1), 0.0)
-    assert [o.first_frame for o in engine.step(now=0.41)] == [50]
+    session.inputs.push_user_audio(speechlike(BLOCK_S, 1), 0.0)
+    assert [o.first_frame for o in engine.step(now=BLOCK_S + 0.01)] == [CLIP]
 
 
 def test_late_and_bursty_audio(model):
@@ -165,13 +172,13 @@ def test_late_and_bursty_audio(model):
     engine = StreamingEngine(model, EngineSettings(max_sessions=1, decode=False))
     session = engine.open_session(portrait(size, 1), now=0.0)
     engine.step(now=0.0)
-    engine.step(now=1.0)  # frames 50-59 (input 0-0.4 s) given up on: generated from silence
-    session.inputs.push_user_audio(speechlike(0.4, 1), 0.0)  # arrives too late for its block
-    assert session.inputs.user.dropped_samples == int(0.4 * SR)
-    # A burst covering 3 s arrives at once: one block per step, in order, no error.
-    session.inputs.push_user_audio(speechlike(3.0, 2), 0.4)
+    engine.step(now=1.0)  # the first block (input 0 to one block) given up on: generated from silence
+    session.inputs.push_user_audio(speechlike(BLOCK_S, 1), 0.0)  # arrives too late for its block
+    assert session.inputs.user.dropped_samples == BLOCK * SPF
+    # A burst covering 3 s arrives at once: one block per step, in order, no error (no catch-up configured).
+    session.inputs.push_user_audio(speechlike(3.0, 2), BLOCK_S)
     firsts = [o.first_frame for _ in range(4) for o in engine.step(now=1.0)]
-    assert firsts == [60, 70, 80, 90]
+    assert firsts == [CLIP + k * BLOCK for k in range(1, 5)]
 
 
 def test_missing_webcam_frames_hold_then_go_null(model):
@@ -194,12 +201,12 @@ def test_speech_at_any_rate_and_barge_in(model):
     engine.step(now=0.0)
     tone = (0.3 * np.sin(2 * np.pi * 300 * np.arange(48000 * 2) / 48000)).astype(np.float32)  # 2 s at 48 kHz
     first = session.inputs.push_speech(tone, sample_rate=48000)
-    assert first == 50  # speech starts at the first frame not generated yet
+    assert first == CLIP  # speech starts at the first frame not generated yet
     (block,) = engine.step(now=1.0)
     spectrum = np.abs(np.fft.rfft(block.audio))
     assert abs(np.argmax(spectrum) * SR / len(block.audio) - 300) < 5
     assert 0.15 < np.abs(block.audio).max() < 0.35
-    assert session.inputs.queued_speech_frames() == 40
+    assert session.inputs.queued_speech_frames() == 2 * FPS - BLOCK
     session.inputs.interrupt()
     assert session.inputs.queued_speech_frames() == 0
     (after,) = engine.step(now=2.0)
@@ -213,11 +220,11 @@ def test_long_live_session_memory_is_bounded(model):
     engine.step(now=0.0)
     sizes = []
     for b in range(40):
-        t = b * 0.4
-        session.inputs.push_user_audio(speechlike(0.4, b), t)
-        for j, crop in enumerate(faces(0.4, size, b)):
+        t = b * BLOCK_S
+        session.inputs.push_user_audio(speechlike(BLOCK_S, b), t)
+        for j, crop in enumerate(faces(BLOCK_S, size, b)):
             session.inputs.push_user_crop(crop, t + j / FPS)
-        assert len(engine.step(now=t + 0.4)) == 1
+        assert len(engine.step(now=t + BLOCK_S)) == 1
         sizes.append((len(session.inputs.user._buf), len(session.inputs.frames._times), len(session.motion_latents)))
     window = (engine.live_settings.window_frames + 16) * SPF
     later = sizes[10:]
@@ -281,15 +288,17 @@ def test_engine_with_pose_anchor_changes_only_streaming_blocks(model):
 # -- static shapes and compilation -------------------------------------------------------------------------
 
 
-def run_three(model, **settings):
+def run_three(model, engine: StreamingEngine | None = None, **settings):
     size = model.config.motion.input_size
-    engine = StreamingEngine(model, EngineSettings(max_sessions=4, decode=False, **settings))
+    engine = engine or StreamingEngine(model, EngineSettings(max_sessions=4, decode=False, **settings))
     for seed in (1, 2, 3):
         feed(engine.open_session(portrait(size, seed), seed=seed, session_id=f"s{seed}", now=0.0), 3.0, seed, size)
     blocks = {}
     for _ in range(4):
         for out in engine.step(now=LATE):
             blocks.setdefault(out.session_id, []).append(out.latents)
+    for sid in list(engine.sessions):
+        engine.close_session(sid)
     return {sid: torch.cat(x) for sid, x in blocks.items()}
 
 
@@ -300,24 +309,85 @@ def test_padding_batches_to_a_bucket_changes_nothing(model):
         assert relative_l2(padded[sid], plain[sid]) < 1e-6, sid
 
 
-@pytest.mark.slow
-def test_compiled_transformer_matches_eager(model):
-    eager = run_three(model, batch_buckets=(4,))
-    engine = StreamingEngine(model, EngineSettings(max_sessions=4, decode=False, batch_buckets=(4,), compile=True))
-    engine.precompile()  # every bucket and phase compiles here, before any session
-    compiled = run_three(model, batch_buckets=(4,), compile=True)
-    for sid in eager:
-        assert relative_l2(compiled[sid], eager[sid]) < 1e-5, sid
-
-
 def test_speech_pushed_while_a_block_is_in_flight_starts_after_it(model):
     """A block's conditions are read when it is requested; speech arriving while it is being generated
     must not land in its frames (its lips would not move) nor be cut from it by a barge-in."""
     engine = StreamingEngine(model, EngineSettings(max_sessions=1, decode=False))
     inputs = engine.new_live_inputs()
-    inputs.request(0, 50)  # priming claimed
-    inputs.request(48, 60)  # the next block is being generated: frames 50-59 are claimed
-    assert inputs.push_speech(np.ones(6400, np.float32)) == 60
-    assert inputs.queued_speech_frames() == 10
+    ctx = engine.tcfg.context_frames
+    inputs.request(0, CLIP)  # priming claimed
+    inputs.request(CLIP - ctx, CLIP + BLOCK)  # the next block is being generated: its frames are claimed
+    assert inputs.push_speech(np.ones(BLOCK * SPF, np.float32)) == CLIP + BLOCK
+    assert inputs.queued_speech_frames() == BLOCK
     inputs.interrupt()
     assert inputs.queued_speech_frames() == 0
+
+
+# -- catch-up, failed opens, frame marking ----------------------------------------------------------------
+
+
+def test_a_session_behind_real_time_skips_to_its_newest_input(model):
+    """With catch-up on, a session whose next block ends far behind its newest input skips the stale span:
+    the block after the gap ends at the newest input, the model's frames stay contiguous (so its context
+    and cache are untouched), and speech queued in the skipped span is said after it, not lost."""
+    size = model.config.motion.input_size
+    lag = BLOCK
+    engine = StreamingEngine(model, EngineSettings(max_sessions=1, decode=False, max_lag_frames=lag))
+    session = engine.open_session(portrait(size, 1), seed=1, now=0.0)
+    engine.step(now=0.0)  # priming
+    session.inputs.push_user_audio(speechlike(4.0, 1), 0.0)  # 4 s of microphone arrived
+    speech_start = session.inputs.push_speech(speechlike(1.0, 2))
+    assert speech_start == CLIP
+    (late,) = engine.step(now=4.0)  # the worker was stalled: 4 s of input are waiting
+    newest = CLIP + int(4.0 * FPS)
+    assert late.skipped_frames == newest - (CLIP + BLOCK)
+    assert late.first_frame + BLOCK == newest, "the block after the gap ends at the newest input"
+    assert session.next_frame == CLIP + BLOCK, "model frames stay contiguous"
+    assert session.input_offset == late.skipped_frames
+    assert np.abs(late.audio).max() > 0, "speech queued in the skipped span is said after it"
+    assert session.inputs.queued_speech_frames() == FPS - BLOCK
+    # On time again: the next block follows without a gap.
+    session.inputs.push_user_audio(speechlike(BLOCK_S, 3), 4.0)
+    (on_time,) = engine.step(now=4.0 + BLOCK_S)
+    assert on_time.skipped_frames == 0 and on_time.first_frame == late.first_frame + BLOCK
+
+
+def test_without_catch_up_a_late_session_replays_every_block(model):
+    size = model.config.motion.input_size
+    engine = StreamingEngine(model, EngineSettings(max_sessions=1, decode=False))
+    session = engine.open_session(portrait(size, 1), seed=1, now=0.0)
+    engine.step(now=0.0)
+    session.inputs.push_user_audio(speechlike(4.0, 1), 0.0)
+    (out,) = engine.step(now=4.0)
+    assert out.skipped_frames == 0 and out.first_frame == CLIP
+
+
+@pytest.mark.parametrize("seed", [2**64, -1])
+def test_a_failed_open_leaks_no_slot(model, seed):
+    size = model.config.motion.input_size
+    engine = StreamingEngine(model, EngineSettings(max_sessions=1, decode=False))
+    with pytest.raises(ValueError, match="seed"):
+        engine.open_session(portrait(size, 1), seed=seed, now=0.0)
+    with pytest.raises(ValueError):
+        engine.open_session(np.zeros((size, size), np.uint8), now=0.0)  # not an RGB crop
+    assert engine.capacity_left == 1 and not engine.sessions
+    engine.open_session(portrait(size, 1), seed=0, now=0.0)
+
+
+def test_frame_marker_sees_every_decoded_frame_on_the_device(model):
+    """The marker hook gets each step's frames (uint8, rows = sessions) before they leave the device."""
+    size = model.config.motion.input_size
+    seen: list[tuple[list[str], tuple[int, ...], torch.dtype]] = []
+
+    def marker(session_ids: list[str], frames: torch.Tensor) -> torch.Tensor:
+        seen.append((session_ids, tuple(frames.shape), frames.dtype))
+        marked = frames.clone()
+        marked[..., 0, 0, :] = 255  # a visible corner pixel, to check the marked frames are the ones kept
+        return marked
+
+    engine = StreamingEngine(model, EngineSettings(max_sessions=2, frame_marker=marker))
+    for sid in ("a", "b"):
+        feed(engine.open_session(portrait(size, 1), seed=1, session_id=sid, now=0.0), 1.0, 1, size)
+    outputs = engine.step(now=LATE)
+    assert seen == [(["a", "b"], (2, CLIP, size, size, 3), torch.uint8)]
+    assert all(np.all(out.frames[:, 0, 0] == 255) for out in outputs)

@@ -10,13 +10,15 @@ import json
 
 import pytest
 import torch
-from golden_data import GoldenSet, assert_matches, golden_model, golden_sets
+from golden_data import GoldenSet, assert_matches, case_meta, engine_rollout, golden_model, golden_sets
 from safetensors import safe_open
 
 from avatar_forcing.model.audio_encoder import normalize_utterance
+from avatar_forcing.model.config import from_golden_dir
+from avatar_forcing.model.engine import EngineSettings, StreamingEngine
 from avatar_forcing.model.media.image import to_model_input as frames_to_model_input
 from avatar_forcing.model.motion_autoencoder import PortraitCode
-from avatar_forcing.model.sampler import Conditions, GuidedSampler, rollout
+from avatar_forcing.model.sampler import Conditions, GuidedSampler
 
 pytestmark = pytest.mark.parametrize("gs", golden_sets())
 
@@ -141,58 +143,69 @@ def test_sample_conditions(gs: GoldenSet):
     assert_matches(model.motion_autoencoder.encode_motion(frames)[None], case["user_motion"], tol, "user motion")
 
 
+def test_sample_settings_are_the_recorded_ones(gs: GoldenSet):
+    """The model is configured from the folder's own record: small_config.json's sampling section agrees
+    with what case_sample recorded, and the sampler runs with exactly those settings."""
+    meta = case_meta(gs, "sample")
+    cfg = from_golden_dir(gs.folder).sampler
+    assert (cfg.nfe, cfg.a_cfg_scale, cfg.u_cfg_scale) == (meta["nfe"], meta["a_cfg_scale"], meta["u_cfg_scale"])
+    sampler = StreamingEngine(golden_model(gs), EngineSettings(max_sessions=1)).sampler
+    assert (sampler.schedule.denoising_timesteps.numel(), sampler.a_scale, sampler.u_scale) == (
+        meta["nfe"] - 1, meta["a_cfg_scale"], meta["u_cfg_scale"])
+
+
 def test_sample_schedule(gs: GoldenSet):
     model, case, _ = _sample_inputs(gs)
-    sampler = GuidedSampler(model.flow_transformer, model.config.sampler, skip_noop_steps=False)
-    sched = sampler.schedule
+    meta = case_meta(gs, "sample")
+    sched = GuidedSampler(model.flow_transformer, model.config.sampler, skip_noop_steps=False).schedule
     assert torch.equal(sched.sigmas, case["scheduler_sigmas"])
     assert torch.equal(sched.timesteps, case["scheduler_timesteps"])
     assert torch.equal(sched.denoising_timesteps, case["denoising_timesteps"])
     assert torch.equal(torch.tensor([s.sigma_cur for s in sched.steps], dtype=torch.float32), case["sigma_cur"])
     assert torch.equal(torch.tensor([s.sigma_next for s in sched.steps], dtype=torch.float32), case["sigma_next"])
+    if "sigma_table_index_cur" in meta:
+        sigmas = case["scheduler_sigmas"]
+        assert [s.sigma_cur for s in sched.steps] == [float(sigmas[i]) if s.t_cur else 0.0 for s, i in
+                                                      zip(sched.steps, meta["sigma_table_index_cur"], strict=True)]
 
 
-def _golden_rollout(gs: GoldenSet, skip_noop_steps: bool):
+def _golden_rollout(gs: GoldenSet, upstream_steps: bool):
+    """case_sample through the production path (engine + block runner), noise from the recorded seed."""
     model, case, _ = _sample_inputs(gs)
-    sampler = GuidedSampler(model.flow_transformer, model.config.sampler, skip_noop_steps=skip_noop_steps)
-    noises = iter(case[f"noise_{i}"] for i in range(sum(k.startswith("noise_") for k in case)))
-
-    def recorded_noise(shape):
-        drawn = next(noises)
-        assert tuple(drawn.shape) == tuple(shape), f"noise draw of shape {shape}, recorded {tuple(drawn.shape)}"
-        return drawn
-
+    meta = case_meta(gs, "sample")
+    num_frames = int(meta["T"])
+    assert case["out_latents"].shape[1] == num_frames
     cond = Conditions(case["avatar_wa"], case["user_wa"], case["user_motion"])
-    result = rollout(sampler, case["r_s"], cond, case["out_latents"].shape[1], recorded_noise, trace=True)
-    assert next(noises, None) is None, "the rollout drew fewer noise tensors than the reference"
-    return result
+    latents, trace = engine_rollout(model, case["r_s"], cond, num_frames, trace=True, upstream_steps=upstream_steps,
+                                    seed=int(meta["torch_manual_seed_before_sample"]))
+    assert len(trace) == meta["n_randn_calls"], "one noise draw per block, as the reference"
+    return latents, trace
 
 
 def test_sample_rollout_trace(gs: GoldenSet):
     """Every per-block trace, both KV-cache snapshots and the output latents (reference step list)."""
     _, case, _ = _sample_inputs(gs)
     tol = gs.tolerance("sample")
-    result = _golden_rollout(gs, skip_noop_steps=False)
-    blocks = result.trace["blocks"]
+    latents, blocks = _golden_rollout(gs, upstream_steps=True)
     assert len(blocks) == sum(k.startswith("block") and k.endswith("_x_init") for k in case)
     for b, blk in enumerate(blocks):
         for key in ("x_init", "c", "wa_in", "wa_user_in", "motion_user_in", "cache_update_x"):
             assert_matches(blk[key], case[f"block{b}_{key}"], tol, f"block {b} {key}")
         for key in ("x_steps", "v_branches", "v_guided", "t_cur_frames", "t_next_frames"):
             assert_matches(torch.stack(blk[key]), case[f"block{b}_{key}"], tol, f"block {b} {key}")
-    for snapshot in ("kv_after_priming", "kv_final"):
-        for layer, kv in enumerate(result.trace[snapshot]):
+    for snapshot, blk in (("kv_after_priming", blocks[0]), ("kv_final", blocks[-1])):
+        for layer, kv in enumerate(blk["cache"]):
             for part in ("self_k", "self_v", "cross_k", "cross_v"):
                 assert_matches(getattr(kv, part), case[f"{snapshot}_layer{layer}_{part}"], tol,
                                f"{snapshot} layer {layer} {part}")
-    assert_matches(result.latents, case["out_latents"], tol, "out_latents")
+    assert_matches(latents, case["out_latents"], tol, "out_latents")
 
 
 def test_sample_rollout_without_noop_step(gs: GoldenSet):
-    """The default sampler drops the reference's final t=0 -> 0 evaluation; the output is the same."""
+    """The default engine drops the reference's final t=0 -> 0 evaluation; the output is the same."""
     _, case, _ = _sample_inputs(gs)
-    result = _golden_rollout(gs, skip_noop_steps=True)
-    assert_matches(result.latents, case["out_latents"], gs.tolerance("sample"), "out_latents")
+    latents, _ = _golden_rollout(gs, upstream_steps=False)
+    assert_matches(latents, case["out_latents"], gs.tolerance("sample"), "out_latents")
 
 
 def test_decode_video(gs: GoldenSet):

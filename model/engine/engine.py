@@ -1,11 +1,14 @@
 """The streaming engine: many sessions, one batched step.
 
-`step()` finds every session whose next block is due, encodes the conditions of all of them together
-(wav2vec2 over all audio windows in one call, the motion encoder over all new webcam crops in one call),
-runs the guided sampler once per phase for the whole batch (priming rows and streaming rows have different
-token counts), refreshes their KV-cache slots, and decodes their frames. The engine is single-threaded:
-one owner (the server's GPU worker, the offline generator, a benchmark) calls open/close/step; only the
-sessions' input pushes may come from other threads.
+A step is planned, run and applied, in the manner of vLLM's scheduler / runner split:
+- `Scheduler.plan` (scheduler.py) picks the sessions whose next block is due, groups them by phase and
+  gives each group its static batch size;
+- the engine turns each planned batch into tensors (the rows' initial latents, positions and caches from
+  the KV pool), hands them to the `BlockRunner` (runner.py: conditions -> denoise -> cache update ->
+  decode), then applies the results to the sessions explicitly (`_commit`).
+
+The engine is single-threaded: one owner (the server's model worker, the offline generator, a benchmark,
+the parity tests) calls open/close/step; only the sessions' input pushes may come from other threads.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ import itertools
 import secrets
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -22,16 +24,18 @@ import torch
 
 from ..avatar_forcing import AvatarForcing
 from ..flow_transformer import LayerKV
-from ..media.image import to_model_input, to_uint8
 from ..motion_autoencoder import PortraitCode
-from ..sampler import Conditions, GuidedSampler, NoiseFn, pad_branch_rows, pad_rows, unpad_branch_rows
+from ..sampler import GuidedSampler, NoiseFn
 from .drift import PoseAnchor, PoseAnchorSettings
-from .inputs import BlockRequest, LiveInputs, LiveSettings, PrecomputedInputs
+from .inputs import LiveInputs, LiveSettings, SessionInputs
 from .kv_pool import KVCachePool, PoolFullError
 from .portraits import PortraitCache
+from .runner import STAGES, BatchInputs, BlockRunner, StageTimer
+from .scheduler import Phase, PlannedBatch, PlannedRow, Scheduler, batch_buckets
 from .session import BlockOutput, Session, generator_noise
 
-STAGES = ("audio_features", "user_motion", "transformer", "cache_update", "decode")
+# marker(session_ids, frames): frames RGB uint8 [B, N, H, W, 3] on the model's device -> the same, marked.
+FrameMarker = Callable[[list[str], torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -60,40 +64,11 @@ class EngineSettings:
     # streaming block): decode just its last N frames. None decodes all.
     lead_in_frames_shown: int | None = None
     portrait_cache: int = 32
-
-
-def batch_buckets(max_sessions: int) -> tuple[int, ...]:
-    """Powers of two up to the capacity, and the capacity itself: one compiled graph per bucket."""
-    sizes = {1 << i for i in range(max_sessions.bit_length()) if 1 << i <= max_sessions}
-    return tuple(sorted(sizes | {max_sessions}))
-
-
-class StageTimer:
-    def __init__(self, device: torch.device):
-        self.sync = device.type == "cuda"
-        self.seconds = dict.fromkeys(STAGES, 0.0)
-
-    @contextmanager
-    def __call__(self, stage: str):
-        if self.sync:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        yield
-        if self.sync:
-            torch.cuda.synchronize()
-        self.seconds[stage] += time.perf_counter() - t0
-
-
-@dataclass
-class _Due:
-    session: Session
-    start: int  # first token's frame (context included)
-    stop: int  # one past the last token's frame
-    ready_at: float
-
-    @property
-    def priming(self) -> bool:
-        return self.session.next_frame == 0
+    # Catch-up: a live session whose next block would end more than this many frames before its newest
+    # input skips ahead to it (stale blocks are never generated). None: never skip (offline generation).
+    max_lag_frames: int | None = None
+    frame_marker: FrameMarker | None = None  # applied to every decoded frame (e.g. an invisible watermark)
+    profile_stages: bool = False  # synchronise the GPU around each stage so stage times are exact
 
 
 class StreamingEngine:
@@ -104,32 +79,45 @@ class StreamingEngine:
         cfg = model.config
         self.tcfg = cfg.transformer
         self.fps = cfg.fps
-        self.samples_per_frame = cfg.audio.samples_per_frame
+        # The live inputs follow the model: its rates, context and crop size, and a silent lead-in as long as
+        # the priming window (unless a caller asked for none, as `bench audio-window` does).
+        lead_in = self.settings.live.lead_in_frames and self.tcfg.clip_frames
         self.live_settings = replace(self.settings.live, fps=cfg.fps, sample_rate=cfg.sampling_rate,
-                                     context_frames=self.tcfg.context_frames, frame_size=cfg.motion.input_size)
+                                     context_frames=self.tcfg.context_frames, frame_size=cfg.motion.input_size,
+                                     lead_in_frames=lead_in)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        forward = None
-        if self.settings.compile:
-            mode = "reduce-overhead" if self.device.type == "cuda" else "default"
-            # One graph per bucket and phase (priming / streaming): allow them all.
-            buckets = len(self.settings.batch_buckets or (1,))
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * buckets + 8)
-            forward = torch.compile(model.flow_transformer.forward, mode=mode, dynamic=False)
-        self.sampler = GuidedSampler(model.flow_transformer, cfg.sampler,
-                                     skip_noop_steps=not self.settings.upstream_steps, forward=forward)
-        default_chunk = 10 if self.device.type == "cpu" else 128
-        self.motion_chunk = self.settings.motion_chunk or default_chunk
-        self.decode_chunk = self.settings.decode_chunk or default_chunk
         if self.settings.precision not in ("float32", "bfloat16"):
             raise ValueError(f"precision must be float32 or bfloat16, got {self.settings.precision!r}")
         self.bf16 = self.settings.precision == "bfloat16"
-        self.pool = KVCachePool(self.tcfg, self.settings.max_sessions, self.device,
-                                torch.bfloat16 if self.bf16 else self.dtype)
+        self.cache_dtype = torch.bfloat16 if self.bf16 else self.dtype
+        buckets = self.settings.batch_buckets
+        forward = None
+        if self.settings.compile:
+            mode = "reduce-overhead" if self.device.type == "cuda" else "default"
+            # One graph per bucket and phase (priming / streaming), each for the denoise and the clean pass.
+            graphs = 2 * len(Phase) * len(buckets or (1,))
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, graphs + 8)
+            torch._dynamo.config.accumulated_cache_size_limit = max(
+                torch._dynamo.config.accumulated_cache_size_limit, graphs + 8)
+            forward = torch.compile(model.flow_transformer.forward, mode=mode, dynamic=False)
+        sampler = GuidedSampler(model.flow_transformer, cfg.sampler,
+                                skip_noop_steps=not self.settings.upstream_steps, forward=forward)
+        default_chunk = 10 if self.device.type == "cpu" else 128
+        self.runner = BlockRunner(model, sampler, motion_chunk=self.settings.motion_chunk or default_chunk,
+                                  decode_chunk=self.settings.decode_chunk or default_chunk)
+        self.scheduler = Scheduler(self.tcfg, self.fps, buckets=buckets, batching=self.settings.batching,
+                                   max_lag_frames=self.settings.max_lag_frames)
+        self.pool = KVCachePool(self.tcfg, self.settings.max_sessions, self.device, self.cache_dtype)
         self.portraits = PortraitCache(model.motion_autoencoder, self.settings.portrait_cache)
         self.sessions: dict[str, Session] = {}
         self.clock = clock
+        self.trace: list[dict] | None = None  # set to a list to record every block's tensors (parity tests)
         self._ids = itertools.count()
+
+    @property
+    def sampler(self) -> GuidedSampler:
+        return self.runner.sampler
 
     # -- sessions -----------------------------------------------------------------------------------------
 
@@ -140,23 +128,23 @@ class StreamingEngine:
     def new_live_inputs(self) -> LiveInputs:
         return LiveInputs(self.live_settings)
 
-    def open_session(self, portrait: np.ndarray | PortraitCode, *, inputs: LiveInputs | PrecomputedInputs | None = None,
+    def open_session(self, portrait: np.ndarray | PortraitCode, *, inputs: SessionInputs | None = None,
                      seed: int | None = None, noise: NoiseFn | None = None, session_id: str | None = None,
                      now: float | None = None) -> Session:
-        """Portrait: an RGB uint8 face crop (encoded once per distinct image) or a ready PortraitCode."""
+        """Portrait: an RGB uint8 face crop (encoded once per distinct image) or a ready PortraitCode.
+        Everything that can fail is done before a KV slot is taken, so a failed open leaks nothing."""
         sid = session_id or f"s{next(self._ids)}"
         if sid in self.sessions:
             raise ValueError(f"session {sid} is already open")
+        if seed is None:
+            seed = secrets.randbits(63)
+        elif not 0 <= seed < 2**63:
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {seed}")
+        noise = noise or generator_noise(seed, self.device, self.dtype)
+        code = portrait if isinstance(portrait, PortraitCode) else self.portraits.get(portrait)
         slot = self.pool.allocate()  # PoolFullError when full
-        try:
-            code = portrait if isinstance(portrait, PortraitCode) else self.portraits.get(portrait)
-        except Exception:
-            self.pool.release(slot)
-            raise
-        seed = secrets.randbits(63) if seed is None else seed
         session = Session(
-            id=sid, slot=slot, portrait=code, inputs=inputs or self.new_live_inputs(),
-            noise=noise or generator_noise(seed, self.device, self.dtype), seed=seed,
+            id=sid, slot=slot, portrait=code, inputs=inputs or self.new_live_inputs(), noise=noise, seed=seed,
             clock_start=self.clock() if now is None else now,
         )
         self.sessions[sid] = session
@@ -166,113 +154,61 @@ class StreamingEngine:
         session = self.sessions.pop(session_id)
         self.pool.release(session.slot)
 
-    # -- scheduling ---------------------------------------------------------------------------------------
-
-    def _due(self, session: Session, now: float) -> _Due | None:
-        if session.finished:
-            return None
-        c = self.tcfg
-        if session.next_frame == 0:
-            start, stop = 0, c.clip_frames
-        else:
-            start, stop = session.next_frame - c.context_frames, session.next_frame + c.block_frames
-        inputs = session.inputs
-        needed = stop if inputs.total_frames is None else min(stop, inputs.total_frames)
-        now_frame = (now - session.clock_start) * self.fps + inputs.origin
-        if inputs.ready_until(now_frame) < needed:
-            return None
-        # When the last input of the block was (or will have been) captured in real time.
-        ready_at = session.clock_start + (needed - inputs.origin) / self.fps
-        return _Due(session, start, stop, min(ready_at, now))
-
-    def due(self, now: float | None = None) -> list[_Due]:
-        now = self.clock() if now is None else now
-        return [d for d in (self._due(s, now) for s in self.sessions.values()) if d is not None]
-
     # -- stepping -----------------------------------------------------------------------------------------
+
+    def due(self, now: float | None = None) -> list[PlannedRow]:
+        return self.scheduler.plan(self.sessions.values(), self.clock() if now is None else now).rows
 
     @torch.inference_mode()
     def step(self, now: float | None = None) -> list[BlockOutput]:
         """Advance every due session by one block; returns their outputs (possibly none)."""
-        now = self.clock() if now is None else now
-        due = self.due(now)
-        if self.settings.batching:
-            groups = [g for g in ([d for d in due if d.priming], [d for d in due if not d.priming]) if g]
-        else:
-            groups = [[d] for d in due]
+        plan = self.scheduler.plan(self.sessions.values(), self.clock() if now is None else now)
         outputs: list[BlockOutput] = []
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            for group in groups:
-                outputs.extend(self._run(group))
+            for batch in plan.batches:
+                outputs.extend(self._advance(batch))
         return outputs
 
-    def _run(self, group: list[_Due]) -> list[BlockOutput]:
-        c = self.tcfg
-        timer = StageTimer(self.device)
-        priming = group[0].priming
-        sessions = [d.session for d in group]
-        requests = [s.inputs.request(d.start, d.stop) for s, d in zip(sessions, group)]
+    def _advance(self, batch: PlannedBatch) -> list[BlockOutput]:
+        timer = StageTimer(sync=self.settings.profile_stages)
+        rows = batch.rows
+        sessions = [row.session for row in rows]
+        for row in rows:
+            if row.skip:
+                self._skip(row.session, row.skip)
+        requests = [s.inputs.request(r.start + s.input_offset, r.stop + s.input_offset)
+                    for s, r in zip(sessions, rows, strict=True)]
+        cond, learned = self.runner.conditions(requests, [s.motion_latents for s in sessions], timer)
+        for session, latents in zip(sessions, learned, strict=True):
+            for fid, latent in latents.items():
+                session.remember_motion(fid, latent)
 
-        cond = self._conditions(sessions, requests, timer)
-        r_s = torch.cat([s.portrait.r_s for s in sessions])
         slots = torch.tensor([s.slot for s in sessions], device=self.device)
-        b = len(group)
-        extra = self._bucket(b) - b  # inert rows: copies of row 0, never written back
+        inputs = self._batch_inputs(batch, cond, slots)
+        adjust = None
+        if self.settings.pose_anchor is not None and not inputs.priming:
+            adjust = lambda x: self._anchor(sessions, x, inputs.num_context)  # noqa: E731
+        result = self.runner.run(inputs, batch.bucket, timer, adjust=adjust, trace=self.trace)
+        self.pool.scatter(slots, result.cache)
 
-        with timer("transformer"):
-            cond3 = self.sampler.branch_conditions(Conditions(*(pad_rows(t, extra) for t in (
-                cond.wa, cond.wa_user, cond.motion_user))))
-            if priming:
-                past, num_context = None, 0
-                x = torch.cat([s.noise((1, c.clip_frames, c.dim_w)) for s in sessions])
-            else:
-                past, num_context = self.pool.gather(slots), c.context_frames
-                past = self._rebase_if_needed(group, past)
-                past = [kv.map(lambda t: pad_branch_rows(t, extra)) for kv in past]
-                x = torch.cat([torch.cat([s.context, s.noise((1, c.block_frames, c.dim_w))], 1) for s in sessions])
-            offsets = torch.tensor([[s.position_offset] for s in sessions], device=self.device)
-            positions = torch.stack([torch.arange(d.start, d.stop, device=self.device) for d in group]) - offsets
-            x, r_s, positions = pad_rows(x, extra), pad_rows(r_s, extra), pad_rows(positions, extra)
-            x = self.sampler.denoise(x, num_context, cond3, r_s, positions, past)
-            if self.settings.pose_anchor is not None and not priming:
-                x = torch.cat([self._anchor(sessions, x[:b], num_context), x[b:]])
-
-        with timer("cache_update"):
-            fresh = self.sampler.clean_pass(x, cond3, r_s, positions, past)
-            cache = self.sampler.primed_cache(fresh) if priming else self.sampler.advanced_cache(past, fresh)
-            self.pool.scatter(slots, [kv.map(lambda t: unpad_branch_rows(t, b)) for kv in cache])
-            x = x[:b]
-
-        new = x[:, num_context:]
-        spans = []  # per row: first frame, offset into `new`, count
-        for row, (session, due) in enumerate(zip(sessions, group)):
-            first, offset, count = session.next_frame, 0, new.shape[1]
-            if session.inputs.total_frames is not None:
-                count = min(count, session.inputs.total_frames - first)
-            shown = self.settings.lead_in_frames_shown
-            if shown is not None and first + count <= session.inputs.origin and count > shown:
-                offset, count = count - shown, shown
-            spans.append((first + offset, offset, count))
-            session.context = x[row:row + 1, -c.context_frames:]
-            session.next_frame = due.stop
-            session.inputs.consumed(session.next_frame)
-
-        frames: list[np.ndarray | None] = [None] * b
+        new = result.latents[:, inputs.num_context:]
+        spans = self._commit(rows, result.latents)
+        frames: list[np.ndarray | None] = [None] * len(rows)
         if self.settings.decode:
-            with timer("decode"):
-                frames = self._decode(sessions, new, spans)
+            frames = self._frames(sessions, new, spans, timer)
 
         outputs = []
-        for row, (session, due) in enumerate(zip(sessions, group)):
-            first, offset, count = spans[row]
+        for i, (session, row) in enumerate(zip(sessions, rows, strict=True)):
+            first, offset, count = spans[i]
             outputs.append(BlockOutput(
                 session_id=session.id, index=session.blocks_done, first_frame=first,
-                latents=new[row, offset:offset + count], frames=frames[row],
+                latents=new[i, offset:offset + count], frames=frames[i],
                 audio=session.inputs.avatar_audio(first, first + count),
-                lead_in=first + count <= session.inputs.origin, ready_at=due.ready_at, done_at=0.0,
-                timings=timer.seconds, batch_size=b,
-                conditions=(cond.rows(row, num_context + offset, num_context + offset + count)
+                lead_in=first + count <= session.inputs.origin, ready_at=row.ready_at, done_at=0.0,
+                timings=timer.seconds, batch_size=len(rows),
+                conditions=(cond.rows(i, inputs.num_context + offset, inputs.num_context + offset + count)
                             if self.settings.record_conditions else None),
+                skipped_frames=row.skip,
             ))
             session.blocks_done += 1
         done = self.clock()
@@ -280,115 +216,88 @@ class StreamingEngine:
             out.done_at = done
         return outputs
 
-    def _decode(self, sessions: list[Session], new: torch.Tensor, spans: list[tuple[int, int, int]]) -> list[np.ndarray]:
-        """Every row's new frames through the decoder together (rows padded to the longest by repeating
-        their last latent, then trimmed)."""
-        longest = max(count for _, _, count in spans)
-        padded = torch.stack([
-            new[row, offset + torch.arange(longest, device=new.device).clamp(max=count - 1)]
-            for row, (_, offset, count) in enumerate(spans)
-        ])
-        images = self.model.motion_autoencoder.decode_batch([s.portrait for s in sessions], padded,
-                                                            chunk=self.decode_chunk)
-        return [to_uint8(images[row, :count]) for row, (_, _, count) in enumerate(spans)]
+    def _batch_inputs(self, batch: PlannedBatch, cond, slots: torch.Tensor) -> BatchInputs:
+        """The rows' initial latents, RoPE positions and caches (streaming rows are rebased when their
+        positions would leave the RoPE table)."""
+        c = self.tcfg
+        rows = batch.rows
+        sessions = [row.session for row in rows]
+        if batch.phase is Phase.PRIMING:
+            past, num_context = None, 0
+            x = torch.cat([s.noise((1, c.clip_frames, c.dim_w)) for s in sessions])
+        else:
+            past, num_context = self._rebase_if_needed(rows, self.pool.gather(slots)), c.context_frames
+            x = torch.cat([torch.cat([s.context, s.noise((1, c.block_frames, c.dim_w))], 1)  # type: ignore[list-item]
+                           for s in sessions])
+        offsets = torch.tensor([[s.position_offset] for s in sessions], device=self.device)
+        positions = torch.stack([torch.arange(r.start, r.stop, device=self.device) for r in rows]) - offsets
+        r_s = torch.cat([s.portrait.r_s for s in sessions])
+        return BatchInputs(x.to(self.device, self.dtype), num_context, cond, r_s, positions, past)
+
+    def _commit(self, rows: list[PlannedRow], latents: torch.Tensor) -> list[tuple[int, int, int]]:
+        """Apply a finished block to its sessions; returns per row (first input frame shown, offset into
+        the new latents, count)."""
+        c = self.tcfg
+        spans = []
+        new_frames = latents.shape[1] - (0 if rows[0].phase is Phase.PRIMING else c.context_frames)
+        for i, row in enumerate(rows):
+            session = row.session
+            first, offset, count = session.next_frame + session.input_offset, 0, new_frames
+            if session.inputs.total_frames is not None:
+                count = min(count, session.inputs.total_frames - first)
+            shown = self.settings.lead_in_frames_shown
+            if shown is not None and first + count <= session.inputs.origin and count > shown:
+                offset, count = count - shown, shown
+            spans.append((first + offset, offset, count))
+            session.context = latents[i:i + 1, -c.context_frames:]
+            session.next_frame = row.stop
+            session.inputs.consumed(session.next_frame + session.input_offset)
+        return spans
+
+    def _skip(self, session: Session, frames: int) -> None:
+        """Catch-up: the session's next block starts `frames` input frames later; the model's frames stay
+        contiguous (its context and cache are unchanged), so motion goes on smoothly from where it was."""
+        session.inputs.skip(session.next_frame + session.input_offset, frames)
+        session.input_offset += frames
+
+    def _frames(self, sessions: list[Session], new: torch.Tensor, spans: list[tuple[int, int, int]],
+                timer: StageTimer) -> list[np.ndarray | None]:
+        """Decoded (and marked) frames of every row, downloaded from the device once."""
+        pixels = self.runner.decode([s.portrait for s in sessions], new,
+                                    [(offset, count) for _, offset, count in spans], timer)
+        if self.settings.frame_marker is not None:
+            pixels = self.settings.frame_marker([s.id for s in sessions], pixels)
+        host = pixels.cpu().numpy()
+        return [host[i, :count] for i, (_, _, count) in enumerate(spans)]
 
     @torch.inference_mode()
     def precompile(self) -> None:
-        """Run every batch bucket through both phases once on dummy inputs, so compiling (and capturing
-        CUDA graphs) happens at start-up, not while live sessions wait."""
-        c = self.tcfg
+        """Compile (and on a GPU capture) every bucket and phase at start-up."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            for rows in self.settings.batch_buckets or (1,):
-                for tokens, past_len in ((c.clip_frames, None), (c.block_tokens, c.self_cache_len)):
-                    zeros = lambda *shape: torch.zeros(shape, device=self.device, dtype=self.dtype)  # noqa: E731
-                    cond = Conditions(zeros(rows, tokens, c.dim_a), zeros(rows, tokens, c.dim_a),
-                                      zeros(rows, tokens, c.dim_w))
-                    cond3 = self.sampler.branch_conditions(cond)
-                    past = None if past_len is None else [LayerKV(
-                        zeros(3 * rows, c.num_heads, past_len, c.head_dim), zeros(3 * rows, c.num_heads, past_len, c.head_dim),
-                        zeros(3 * rows, c.num_heads, c.cross_cache_len, c.head_dim),
-                        zeros(3 * rows, c.num_heads, c.cross_cache_len, c.head_dim)) for _ in range(c.depth)]
-                    positions = torch.arange(tokens, device=self.device).expand(rows, -1)
-                    x = self.sampler.denoise(zeros(rows, tokens, c.dim_w), 0 if past is None else c.context_frames,
-                                             cond3, zeros(rows, c.dim_w), positions, past)
-                    self.sampler.clean_pass(x, cond3, zeros(rows, c.dim_w), positions, past)
+            self.runner.precompile(self.settings.batch_buckets or (1,), self.cache_dtype)
 
-    # -- conditions ---------------------------------------------------------------------------------------
-
-    def _conditions(self, sessions: list[Session], requests: list[BlockRequest], timer: StageTimer) -> Conditions:
-        rows: list[Conditions | None] = [r.conditions for r in requests]
-        live = [i for i, r in enumerate(requests) if r.live is not None]
-        if live:
-            with timer("audio_features"):
-                wa, wa_user = self._audio_features([requests[i] for i in live])
-            with timer("user_motion"):
-                motion = self._user_motion([sessions[i] for i in live], [requests[i] for i in live])
-            for j, i in enumerate(live):
-                rows[i] = Conditions(wa[j:j + 1], wa_user[j:j + 1], motion[j:j + 1])
-        return Conditions(*(torch.cat([getattr(r, f) for r in rows]).to(self.device, self.dtype)
-                            for f in ("wa", "wa_user", "motion_user")))
-
-    def _audio_features(self, requests: list[BlockRequest]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both tracks of every live row through wav2vec2 in one call."""
-        windows = [r.live.avatar_pcm for r in requests] + [r.live.user_pcm for r in requests]
-        wave = torch.from_numpy(np.stack(windows)).to(self.device, self.dtype)
-        num_frames = wave.shape[1] // self.samples_per_frame
-        feats = self.model.audio_encoder(wave, num_frames)
-        b = len(requests)
-        wa = torch.stack([feats[i, r.start - r.live.avatar_first_frame:r.stop - r.live.avatar_first_frame]
-                          for i, r in enumerate(requests)])
-        wa_user = torch.stack([feats[b + i, r.start - r.live.first_frame:r.stop - r.live.first_frame]
-                               for i, r in enumerate(requests)])
-        return wa, wa_user
-
-    def _user_motion(self, sessions: list[Session], requests: list[BlockRequest]) -> torch.Tensor:
-        """Motion latents of the webcam frames feeding each row; new crops encoded in one batch."""
-        mae = self.model.motion_autoencoder
-        todo: list[tuple[Session, int, np.ndarray]] = []
-        for s, r in zip(sessions, requests):
-            for fid in dict.fromkeys(f for f in r.live.frame_ids if f is not None):
-                if fid not in s.motion_latents:
-                    image = s.inputs.frames.image(fid)
-                    if image is not None:
-                        todo.append((s, fid, image))
-        for i in range(0, len(todo), self.motion_chunk):
-            chunk = todo[i:i + self.motion_chunk]
-            pixels = to_model_input(np.stack([img for _, _, img in chunk])).to(self.device, self.dtype)
-            for (s, fid, _), latent in zip(chunk, mae.encode_motion(pixels)):
-                s.remember_motion(fid, latent)
-        zero = torch.zeros(self.tcfg.dim_w, device=self.device, dtype=self.dtype)
-        return torch.stack([
-            torch.stack([s.motion_latents.get(fid, zero) if fid is not None else zero for fid in r.live.frame_ids])
-            for s, r in zip(sessions, requests)
-        ])
-
-    def _bucket(self, rows: int) -> int:
-        buckets = self.settings.batch_buckets
-        if not buckets:
-            return rows
-        return min((size for size in buckets if size >= rows), default=rows)
+    # -- state helpers ------------------------------------------------------------------------------------
 
     def _anchor(self, sessions: list[Session], x: torch.Tensor, num_context: int) -> torch.Tensor:
         """Pull each row's new frames towards its portrait's pose (before they are cached and shown)."""
         rows = []
         for row, s in enumerate(sessions):
             if s.anchor is None:
+                assert self.settings.pose_anchor is not None
                 s.anchor = PoseAnchor(self.settings.pose_anchor)
             new = s.anchor.apply(x[row, num_context:], s.portrait.r_s[0])
             rows.append(torch.cat([x[row, :num_context], new]))
         return torch.stack(rows)
 
-    # -- positions ----------------------------------------------------------------------------------------
-
-    def _rebase_if_needed(self, group: list[_Due], past):
+    def _rebase_if_needed(self, rows: list[PlannedRow], past: list[LayerKV]) -> list[LayerKV]:
         """Keep every row's RoPE positions inside the table (exact: see GuidedSampler.rebase)."""
         table = self.model.flow_transformer.rope.shape[0]
         deltas = []
-        for d in group:
-            s = d.session
+        for row in rows:
+            s = row.session
             delta = 0
-            if d.stop - s.position_offset > table:
-                delta = d.start - s.position_offset - self.tcfg.rebase_position
+            if row.stop - s.position_offset > table:
+                delta = row.start - s.position_offset - self.tcfg.rebase_position
                 s.position_offset += delta
             deltas.append(delta)
         if not any(deltas):
@@ -396,4 +305,4 @@ class StreamingEngine:
         return self.sampler.rebase(past, torch.tensor(deltas, device=self.device))
 
 
-__all__ = ["EngineSettings", "StreamingEngine", "PoolFullError", "STAGES", "batch_buckets"]
+__all__ = ["STAGES", "EngineSettings", "FrameMarker", "PoolFullError", "StreamingEngine", "batch_buckets"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -33,14 +34,63 @@ class LiveWindows:
     user_pcm: np.ndarray
     avatar_first_frame: int  # the avatar window may run ahead of the span (queued speech)
     frame_ids: list[int | None]  # webcam frame feeding each frame of the span (None = null motion)
+    images: dict[int, np.ndarray]  # face crops of those frames (ids whose crop is gone read as null)
 
 
 @dataclass
-class BlockRequest:
-    start: int  # span of frames whose conditions the block needs: [start, stop)
+class PrecomputedRequest:
+    """A block's conditions, ready: [1, L, d] tensors for input frames [start, stop)."""
+
+    start: int
     stop: int
-    conditions: Conditions | None = None  # precomputed [1, L, d] tensors
-    live: LiveWindows | None = None
+    conditions: Conditions
+
+
+@dataclass
+class LiveRequest:
+    """A block's raw input windows for input frames [start, stop); the engine encodes them."""
+
+    start: int
+    stop: int
+    windows: LiveWindows
+
+
+BlockRequest = PrecomputedRequest | LiveRequest
+
+
+class SessionInputs(Protocol):
+    """Where a session's conditions come from, on its input frame axis (what the engine relies on)."""
+
+    @property
+    def origin(self) -> int:
+        """Input frames [0, origin) are a silent lead-in; input time 0 lands here."""
+        ...
+
+    @property
+    def total_frames(self) -> int | None:
+        """None: a live session without end."""
+        ...
+
+    def ready_until(self, now_frame: float) -> int:
+        """Input frames before this one have final conditions (now_frame: the real-time frame now)."""
+        ...
+
+    def request(self, start: int, stop: int) -> BlockRequest:
+        """Claim frames [start, stop) for a block about to be generated."""
+        ...
+
+    def skip(self, first: int, count: int) -> None:
+        """The engine jumps over input frames [first, first + count) (catch-up): what was queued to be
+        said there is said after them instead."""
+        ...
+
+    def avatar_audio(self, start: int, stop: int) -> np.ndarray:
+        """The avatar's speech belonging to input frames [start, stop)."""
+        ...
+
+    def consumed(self, frame: int) -> None:
+        """Input frames before `frame` are generated."""
+        ...
 
 
 class PrecomputedInputs:
@@ -62,7 +112,10 @@ class PrecomputedInputs:
         return self.total_frames
 
     def request(self, start: int, stop: int) -> BlockRequest:
-        return BlockRequest(start, stop, conditions=self.cond.frames(start, stop))
+        return PrecomputedRequest(start, stop, self.cond.frames(start, stop))
+
+    def skip(self, first: int, count: int) -> None:
+        raise RuntimeError("precomputed inputs are never behind real time: nothing to skip")
 
     def avatar_audio(self, start: int, stop: int) -> np.ndarray:
         spf = self.samples_per_frame
@@ -79,7 +132,7 @@ class LiveSettings:
     window_frames: int = 60  # wav2vec2 context per block (2.4 s)
     avatar_lookahead_frames: int = 25  # queued speech past the block may inform its features (free: the
                                        # 60-frame window already covers 12 + 25 frames)
-    lead_in_frames: int = 50  # silent priming window; input time 0 lands here
+    lead_in_frames: int = 50  # silent priming window; input time 0 lands here (the engine sets clip_frames)
     max_wait_frames: int = 5  # a block waits this long past its end for late microphone audio
     motion_hold_s: float = 1.0  # a webcam frame stands in for missing ones this long
     avatar_fixed_std: float | None = None  # fix the avatar speech normalisation (TTS at a known level)
@@ -182,7 +235,17 @@ class LiveInputs:
         if self.s.normalize:
             avatar, user = self.avatar_norm(avatar), self.user_norm(user)
         ids = [self.frames.slot(f - self.origin).frame_id if f >= self.origin else None for f in range(start, stop)]
-        return BlockRequest(start, stop, live=LiveWindows(user_first, avatar, user, avatar_first, ids))
+        images = {fid: img for fid in dict.fromkeys(f for f in ids if f is not None)
+                  if (img := self.frames.image(fid)) is not None}
+        return LiveRequest(start, stop, LiveWindows(user_first, avatar, user, avatar_first, ids, images))
+
+    def skip(self, first: int, count: int) -> None:
+        with self._speech_lock:
+            pending = self.avatar.read(first * self.spf, self.avatar.end)
+            self.avatar.truncate(first * self.spf)
+            if np.any(pending):
+                self.avatar.write((first + count) * self.spf, pending)
+            self.next_frame = max(self.next_frame, first + count)
 
     def avatar_audio(self, start: int, stop: int) -> np.ndarray:
         return self.avatar.read(start * self.spf, stop * self.spf)

@@ -11,7 +11,7 @@ import torch
 from ..motion_autoencoder import PortraitCode
 from ..sampler import Conditions, NoiseFn
 from .drift import PoseAnchor
-from .inputs import LiveInputs, PrecomputedInputs
+from .inputs import SessionInputs
 
 
 def generator_noise(seed: int, device: torch.device | str, dtype: torch.dtype = torch.float32) -> NoiseFn:
@@ -24,7 +24,7 @@ def generator_noise(seed: int, device: torch.device | str, dtype: torch.dtype = 
 class BlockOutput:
     session_id: str
     index: int  # 0 = the priming window
-    first_frame: int  # session frame of frames[0]
+    first_frame: int  # input frame of frames[0] (frames between blocks that catch-up skipped are never made)
     latents: torch.Tensor  # [N, dim_w] generated motion latents
     frames: np.ndarray | None  # [N, S, S, 3] uint8, None when decoding is off
     audio: np.ndarray  # [N * samples_per_frame] float32 avatar speech belonging to these frames
@@ -34,6 +34,7 @@ class BlockOutput:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, shared by the batch
     batch_size: int = 1
     conditions: Conditions | None = None  # the new frames' conditions, when the engine records them
+    skipped_frames: int = 0  # input frames skipped right before this block (the session was behind)
 
 
 @dataclass
@@ -41,11 +42,14 @@ class Session:
     id: str
     slot: int
     portrait: PortraitCode
-    inputs: LiveInputs | PrecomputedInputs
+    inputs: SessionInputs
     noise: NoiseFn
     seed: int
     clock_start: float
-    next_frame: int = 0  # first frame not generated yet (0: priming is due)
+    # Model frames count the latents generated, without gaps (RoPE positions and the KV cache follow them);
+    # input frames follow the inputs' clock. They differ by the frames catch-up skipped.
+    next_frame: int = 0  # first model frame not generated yet (0: priming is due)
+    input_offset: int = 0  # input frame = model frame + input_offset
     blocks_done: int = 0
     position_offset: int = 0  # RoPE rebasing so far
     context: torch.Tensor | None = None  # [1, context_frames, dim_w] clean latents re-fed next block
@@ -55,7 +59,7 @@ class Session:
     @property
     def finished(self) -> bool:
         total = self.inputs.total_frames
-        return total is not None and self.next_frame >= total
+        return total is not None and self.next_frame + self.input_offset >= total
 
     def remember_motion(self, frame_id: int, latent: torch.Tensor, keep: int = 64) -> None:
         self.motion_latents[frame_id] = latent

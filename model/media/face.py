@@ -117,7 +117,7 @@ class FaceDetector:
             )
         boxes = [
             Box(float(x / scale), float(y / scale), float((x + bw) / scale), float((y + bh) / scale), float(n))
-            for (x, y, bw, bh), n in zip(np.asarray(rects).reshape(-1, 4), np.asarray(neighbours).reshape(-1))
+            for (x, y, bw, bh), n in zip(np.asarray(rects).reshape(-1, 4), np.asarray(neighbours).reshape(-1), strict=True)
         ]
         boxes.sort(key=lambda b: (b.width * b.height, b.score), reverse=True)
         return boxes

@@ -58,15 +58,20 @@ def to_model_input(frames: np.ndarray) -> torch.Tensor:
 
 
 def to_uint8(frames: torch.Tensor) -> np.ndarray:
-    """Model output [N, 3, H, W] in [-1, 1] -> RGB uint8 [N, H, W, 3].
+    """Model output [N, 3, H, W] in [-1, 1] -> RGB uint8 [N, H, W, 3] numpy (see `to_uint8_tensor`)."""
+    return to_uint8_tensor(frames).cpu().numpy()
+
+
+def to_uint8_tensor(frames: torch.Tensor) -> torch.Tensor:
+    """Model output [..., 3, H, W] in [-1, 1] -> RGB uint8 [..., H, W, 3] on the same device.
 
     A fixed mapping (clamp, then round((x + 1) * 127.5)), not the reference's min-max over the whole
     video: a stream cannot see the whole video, and a fixed mapping keeps brightness steady.
     """
     if frames.ndim == 3:
         frames = frames[None]
-    if frames.ndim != 4 or frames.shape[1] != 3:
-        raise ValueError(f"expected frames [N, 3, H, W], got shape {tuple(frames.shape)}")
+    if frames.ndim < 4 or frames.shape[-3] != 3:
+        raise ValueError(f"expected frames [..., 3, H, W], got shape {tuple(frames.shape)}")
     x = torch.nan_to_num(frames.detach().to(torch.float32), nan=0.0).clamp(-1.0, 1.0)
     x = torch.round((x + 1.0) * 127.5).to(torch.uint8)
-    return x.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+    return x.movedim(-3, -1).contiguous()
