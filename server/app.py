@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import math
-import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -17,9 +17,11 @@ from fastapi.staticfiles import StaticFiles
 import avatar_forcing
 from avatar_forcing.model.avatar_forcing import AvatarForcing
 from avatar_forcing.model.config import config_from_name
+from avatar_forcing.model.cpus import usable_cpus
 from avatar_forcing.model.engine import EngineSettings, batch_buckets
+from avatar_forcing.provenance.marker import FrameMarker
 
-from .api import WEB_DIR, AppContext, public, v1, watch_loop_lag, ws_router
+from .api import WEB_DIR, AppContext, measured_capacity, public, v1, watch_loop_lag, ws_router
 from .avatars import AvatarStore
 from .config import ServerSettings
 from .errors import install_error_handlers
@@ -40,6 +42,28 @@ def default_model_loader(settings: ServerSettings) -> Callable[[], AvatarForcing
     return load
 
 
+async def announce_ready(ctx: AppContext, model_name: str) -> None:
+    """One line when the model is ready: where to open the page and how many sessions fit, measured."""
+    while not ctx.worker.ready.is_set():
+        if ctx.worker.error is not None:
+            return  # the worker logged why; the server stops
+        await asyncio.sleep(0.2)
+    s = ctx.settings
+    host = "localhost" if s.host in ("0.0.0.0", "::") else s.host
+    fit = measured_capacity(ctx)
+    scheme = "https" if s.tls_cert else "http"
+    log.info("ready: serving the %s model at %s://%s:%d/ (about %d concurrent session%s on this machine, "
+             "measured; %d slots configured)", model_name, scheme, host, s.port, fit, "" if fit == 1 else "s",
+             s.max_sessions)
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def create_app(settings: ServerSettings | None = None, *,
                load_model: Callable[[], AvatarForcing] | None = None) -> FastAPI:
     settings = settings or ServerSettings.from_env()
@@ -52,27 +76,39 @@ def create_app(settings: ServerSettings | None = None, *,
                                         portrait_cache=settings.max_sessions,
                                         precision=settings.precision, compile=settings.compile,
                                         batch_buckets=batch_buckets(settings.max_sessions) if settings.compile
-                                        else None), metrics,
+                                        else None,
+                                        # Catch-up: a session more than one block behind its newest input
+                                        # skips ahead instead of generating stale blocks (docs/realtime.md).
+                                        max_lag_frames=model_cfg.transformer.block_frames,
+                                        frame_marker=FrameMarker(settings.deployment_id, watermark=settings.watermark,
+                                                                 visible_label=settings.visible_label)), metrics,
                          cpu_threads=settings.cpu_threads)
-    executor = ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 2)), thread_name_prefix="media")
+    executor = ThreadPoolExecutor(max_workers=min(8, 2 * usable_cpus()), thread_name_prefix="media")
     sessions = SessionManager(settings, worker, metrics, executor, model_cfg.fps, model_cfg.sampling_rate)
-    ctx = AppContext(settings, metrics, worker, sessions, AvatarStore(model_cfg.motion.input_size, settings.max_avatars),
-                     executor, model_cfg.sampling_rate)
+    avatars = AvatarStore(model_cfg.motion.input_size, settings.max_avatars)
+    ctx = AppContext(settings, metrics, worker, sessions, avatars, executor, model_cfg.sampling_rate)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         worker.start()
         sessions.start()
         lag_task = asyncio.get_running_loop().create_task(watch_loop_lag(ctx))
-        log.info("serving %s model on %s:%d with up to %d sessions", model_cfg.name, settings.host, settings.port,
-                 settings.max_sessions)
+        # "Serving" only once the model has loaded and been measured: until then the page and /readyz
+        # say it is loading, and a model that cannot load stops the server with its reason.
+        log.info("loading the %s model (port %d answers meanwhile; sessions start once it is ready)",
+                 model_cfg.name, settings.port)
+        ready_task = asyncio.get_running_loop().create_task(announce_ready(ctx, model_cfg.name))
+        if settings.auth_token is None and not is_loopback(settings.host):
+            log.warning("auth is off and the server listens on %s: anyone who can reach it may open sessions; "
+                        "set AVATAR_FORCING_AUTH_TOKEN (or listen on 127.0.0.1)", settings.host)
         try:
             yield
         finally:
+            ready_task.cancel()
             await sessions.close_all("shutdown")
             await sessions.stop()
             lag_task.cancel()
-            await asyncio.gather(lag_task, return_exceptions=True)
+            await asyncio.gather(lag_task, ready_task, return_exceptions=True)
             await asyncio.get_running_loop().run_in_executor(None, worker.stop)
             executor.shutdown(wait=True, cancel_futures=True)
             log.info("stopped")

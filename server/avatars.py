@@ -11,8 +11,19 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from avatar_forcing.errors import MediaError
 from avatar_forcing.model.media.face import FaceDetector, crop_portrait
 from avatar_forcing.model.media.image import load_image
+
+from .image_header import image_size
+
+# Largest portrait decoded: 40 megapixels (a 48 MP phone photo must be downscaled first). Decoding needs
+# about 6 bytes a pixel, so this bounds one upload to ~250 MB however small its file.
+MAX_IMAGE_PIXELS = 40_000_000
+
+
+class ImageTooLarge(MediaError):
+    """The image declares more pixels than the server decodes."""
 
 
 @dataclass
@@ -39,6 +50,12 @@ class AvatarStore:
 
     def add(self, data: bytes) -> Avatar:
         """Decode, find the face, crop (CPU work: call from a worker thread). Raises MediaError."""
+        width, height = image_size(data)  # from the header: a pixel bomb is refused before decoding
+        if width * height > MAX_IMAGE_PIXELS:
+            raise ImageTooLarge(f"the image is {width}x{height} pixels, over the {MAX_IMAGE_PIXELS // 10**6} "
+                                "megapixel limit: send a smaller photo (a portrait needs under 2000x2000)")
+        if width == 0 or height == 0:
+            raise MediaError(f"the image header declares {width}x{height} pixels: re-export the photo")
         image = load_image(data)
         crop = crop_portrait(image, size=self.size, detector=self._detector())
         ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(crop, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])

@@ -8,10 +8,12 @@ import ctypes
 import logging
 import os
 import time
+from pathlib import Path
 
 import uvicorn
 
 from .config import ServerSettings
+from .http_limits import header_deadline_protocol
 from .logs import setup_logging
 from .ports import loop_factory
 
@@ -40,8 +42,11 @@ class DrainingServer(uvicorn.Server):
 
     async def _drain(self) -> None:
         deadline = time.monotonic() + self.drain_timeout_s
-        log.info("draining: %d sessions may run for up to %.0f s", len(self.sessions.sessions), self.drain_timeout_s)
-        while self.sessions.sessions and time.monotonic() < deadline:
+        log.warning("draining: new sessions are refused; %d live session(s) may go on for up to %.0f s. "
+                    "Press Ctrl-C again (or send SIGTERM again) to stop now.", len(self.sessions.sessions),
+                    self.drain_timeout_s)
+        # Sessions end in many places (hang-up, timeouts, DELETE): polling the table is the simple check.
+        while self.sessions.sessions and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.25)
         self.should_exit = True
 
@@ -54,8 +59,38 @@ def add_serve_command(subparsers) -> None:
     p.add_argument("--weights", help="checkpoint directory / file / 'hub' (AVATAR_FORCING_WEIGHTS)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N (AVATAR_FORCING_DEVICE)")
     p.add_argument("--max-sessions", type=int, help="concurrent sessions (AVATAR_FORCING_MAX_SESSIONS)")
-    p.add_argument("--log-format", choices=("json", "text"), help="AVATAR_FORCING_LOG_FORMAT")
+    p.add_argument("--log-format", choices=("auto", "json", "text"),
+                   help="AVATAR_FORCING_LOG_FORMAT (default auto: text on a terminal, JSON otherwise)")
+    p.add_argument("--tls-cert", metavar="PEM", help="serve https with this certificate (AVATAR_FORCING_TLS_CERT); "
+                                                     "browsers on other machines need https for the camera")
+    p.add_argument("--tls-key", metavar="PEM", help="the certificate's private key (AVATAR_FORCING_TLS_KEY)")
     p.set_defaults(func=run_serve)
+
+
+def check_model(settings: ServerSettings) -> str:
+    """What will be served, checked before anything slow starts: a configuration that parses and weights
+    that are on disk (or a hub that answers). Raises UserError with what to do instead."""
+    from avatar_forcing.errors import UserError, WeightsError
+    from avatar_forcing.model.config import config_from_name
+    from avatar_forcing.weights import hub
+
+    config_from_name(settings.config)  # raises on a bad --config
+    if settings.config not in ("", "official"):
+        source = hub.weights_source(settings.weights)
+        if source == hub.HUB or not Path(source).exists():
+            raise UserError(f"--config {settings.config} needs its weights file: set AVATAR_FORCING_WEIGHTS "
+                            f"(or --weights) to e.g. {Path(settings.config) / 'small_weights.safetensors'}")
+        return f"the small configuration of {settings.config} with {source} (random weights: a moving, " \
+               "meaningless face that tests transport and the page, no real avatar)"
+    try:
+        where = hub.preflight(settings.weights, advice=False)
+    except WeightsError as exc:
+        # Two lines: what is wrong, then what the person can do about it.
+        raise UserError(f"no model to serve: {exc}.\n  Official weights (about {hub.total_mb()} MB; CC BY-NC 4.0, "
+                        f"non-commercial; real time needs a GPU): `avatar-forcing weights download --dir weights` "
+                        f"where the hub is reachable, then AVATAR_FORCING_WEIGHTS=$PWD/weights make serve. "
+                        f"To try the page without them: README, \u201cTry it\u201d.") from None
+    return f"the official model from {where}"
 
 
 def limit_malloc_arenas(arenas: int = 2) -> None:
@@ -74,13 +109,19 @@ def run_serve(args: argparse.Namespace) -> int:
     limit_malloc_arenas()
     settings = ServerSettings.from_env(host=args.host, port=args.port, config=args.config, weights=args.weights,
                                        device=args.device, max_sessions=args.max_sessions,
-                                       log_format=args.log_format)
+                                       log_format=args.log_format, tls_cert=args.tls_cert, tls_key=args.tls_key)
     setup_logging(settings.log_format, settings.log_level)
+    log.info("model: %s", check_model(settings))
     from .app import create_app
 
     app = create_app(settings)
+    # Slow and idle clients: a deadline for headers (http_limits), keep-alive and a connection cap.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, lifespan="on",
-                            ws_max_size=2 << 20, timeout_graceful_shutdown=10)
+                            ws_max_size=2 << 20, timeout_graceful_shutdown=10,
+                            http=header_deadline_protocol(settings.header_timeout_s),
+                            timeout_keep_alive=max(1, round(settings.keep_alive_s)),
+                            limit_concurrency=settings.max_connections,
+                            ssl_certfile=settings.tls_cert, ssl_keyfile=settings.tls_key)
     server = DrainingServer(config, app.state.ctx.sessions, settings.drain_timeout_s)
     worker = app.state.ctx.worker
     failed = []

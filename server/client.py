@@ -32,6 +32,8 @@ class Received:
     """What arrived from the server, with local arrival times."""
 
     video_times: list[float] = field(default_factory=list)
+    first_video: asyncio.Event = field(default_factory=asyncio.Event, repr=False)  # set by the first frame
+    fresh_times: list[float] = field(default_factory=list)  # frames whose picture changed (not repeats)
     video_size: tuple[int, int] | None = None
     audio_times: list[float] = field(default_factory=list)
     audio: list[np.ndarray] = field(default_factory=list)  # mono float32 chunks
@@ -41,8 +43,13 @@ class Received:
         now = time.monotonic() if now is None else now
         return sum(1 for t in self.video_times if t > now - seconds) / seconds
 
+    def fresh_fps(self, seconds: float, now: float | None = None) -> float:
+        """Frames per second whose content changed: a server repeating frames still shows 25 fps."""
+        now = time.monotonic() if now is None else now
+        return sum(1 for t in self.fresh_times if t > now - seconds) / seconds
+
     def audio_since(self, t0: float) -> np.ndarray:
-        parts = [a for t, a in zip(self.audio_times, self.audio) if t >= t0]
+        parts = [a for t, a in zip(self.audio_times, self.audio, strict=True) if t >= t0]
         return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
 
@@ -90,9 +97,13 @@ class AvatarClient:
         """Open a session. `media`: a file played as webcam + microphone (None: receive only)."""
         self.pc = pc = RTCPeerConnection()
         if media is not None:
-            self.player = MediaPlayer(str(media), loop=loop_media)
-            pc.addTrack(self.player.audio)
-            pc.addTrack(self.player.video)
+            self.player = player = MediaPlayer(str(media), loop=loop_media)
+            # A file without one of the two tracks sends nothing of that kind but still receives the avatar's.
+            for kind, track in (("audio", player.audio), ("video", player.video)):
+                if track is not None:
+                    pc.addTrack(track)
+                else:
+                    pc.addTransceiver(kind, direction="recvonly")
         else:
             pc.addTransceiver("audio", direction="recvonly")
             pc.addTransceiver("video", direction="recvonly")
@@ -142,6 +153,10 @@ class AvatarClient:
             await self.http.delete(f"/v1/sessions/{self.session_id}")
         await self._close_media()
 
+    async def first_video(self) -> None:
+        """Until the first video frame has arrived (bound it with asyncio.timeout)."""
+        await self.received.first_video.wait()
+
     async def close(self) -> None:
         await self._close_media()
         await self.http.aclose()
@@ -150,6 +165,7 @@ class AvatarClient:
 
     async def _receive(self, track) -> None:
         r = self.received
+        previous = None
         while True:
             try:
                 frame = await track.recv()
@@ -158,7 +174,13 @@ class AvatarClient:
             now = time.monotonic()
             if track.kind == "video":
                 r.video_times.append(now)
+                r.first_video.set()
                 r.video_size = (frame.width, frame.height)
+                small = frame.to_ndarray(format="gray")[::8, ::8].astype(np.int16)
+                # A repeated frame decodes (nearly) identical; a new one differs by far more than 1 level.
+                if previous is None or np.abs(small - previous).mean() > 1.0:
+                    r.fresh_times.append(now)
+                previous = small
             else:
                 r.audio.append(frame_to_mono(frame))
                 r.audio_times.append(now)

@@ -48,19 +48,40 @@ class ServerSettings:
     turn_secret: str | None = None  # coturn's static-auth-secret (use-auth-secret REST credentials)
     turn_ttl_s: int = 3600
     rtc_port_range: str | None = None  # e.g. "40000-40199": UDP ports for ICE host candidates
+    # Connection limits (slow or idle clients must not hold sockets or memory)
+    header_timeout_s: float = 10.0  # a request's headers must arrive within this
+    body_timeout_s: float = 30.0  # an upload's body must arrive within this
+    keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
+    max_connections: int = 200  # open connections (and requests) at most; more get 503
+    # HTTPS (browsers give the camera and microphone only to https pages, or to localhost)
+    tls_cert: str | None = None  # PEM certificate (chain) file
+    tls_key: str | None = None  # its PEM private key
     # Logging
-    log_format: str = "json"  # json or text
+    log_format: str = "auto"  # json, text, or auto: text on a terminal, JSON otherwise (files, collectors)
     log_level: str = "info"
+    # Provenance (EU AI Act art. 50): every frame carries an invisible watermark (deployment id + session hash)
+    watermark: bool = True  # off logs a warning: the video could no longer be recognised as AI-made
+    deployment_id: int = 0  # 0-65535, the operator's id in the watermark
+    visible_label: bool = False  # also burn a small "AI-generated" label into the video
 
     def __post_init__(self) -> None:
+        if not 0 <= self.deployment_id <= 65535:
+            raise UserError(f"AVATAR_FORCING_DEPLOYMENT_ID {self.deployment_id}: must be 0-65535")
         if self.max_sessions < 1:
             raise UserError("AVATAR_FORCING_MAX_SESSIONS must be at least 1")
         if self.precision not in ("auto", "float32", "bfloat16"):
             raise UserError("AVATAR_FORCING_PRECISION must be auto, float32 or bfloat16")
         if self.overload_admission not in ("predict", "off"):
             raise UserError("AVATAR_FORCING_OVERLOAD_ADMISSION must be 'predict' or 'off'")
-        if self.log_format not in ("json", "text"):
-            raise UserError("AVATAR_FORCING_LOG_FORMAT must be 'json' or 'text'")
+        if self.log_format not in ("auto", "json", "text"):
+            raise UserError("AVATAR_FORCING_LOG_FORMAT must be 'auto', 'json' or 'text'")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise UserError("https needs both AVATAR_FORCING_TLS_CERT and AVATAR_FORCING_TLS_KEY "
+                            "(--tls-cert and --tls-key)")
+        for name in ("tls_cert", "tls_key"):
+            path = getattr(self, name)
+            if path and not os.path.isfile(path):
+                raise UserError(f"AVATAR_FORCING_{name.upper()} {path}: no such file")
         if self.turn_urls and not self.turn_secret:
             raise UserError("AVATAR_FORCING_TURN_URLS needs AVATAR_FORCING_TURN_SECRET (coturn static-auth-secret)")
         self.port_range()  # validate early

@@ -9,7 +9,6 @@ times and reports the server's memory, threads and tasks after the first cycle a
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
 import httpx
@@ -33,11 +32,11 @@ async def measure(url: str, token: str | None, avatar: str, media: Path, n: int,
                 await c.start(avatar, media=media)
             except ApiError as exc:
                 return {"n": n, "refused": f"session {i + 1} refused: {exc.status} {exc.error.get('code')}"}
-        deadline = time.monotonic() + 30
-        while not all(c.received.video_times for c in clients):
-            if time.monotonic() > deadline:
-                raise RuntimeError("sessions did not start streaming within 30 s")
-            await asyncio.sleep(0.1)
+        try:
+            async with asyncio.timeout(30):
+                await asyncio.gather(*(c.first_video() for c in clients))
+        except TimeoutError:
+            raise RuntimeError("sessions did not start streaming within 30 s") from None
         await asyncio.sleep(3.0)  # past the lead-in
         before = [(await c.info())["stats"] for c in clients]
         await asyncio.sleep(seconds)
@@ -47,7 +46,7 @@ async def measure(url: str, token: str | None, avatar: str, media: Path, n: int,
             text = (await http.get(url + "/metrics")).text
         fresh = []
         late = 0
-        for b, a in zip(before, after):
+        for b, a in zip(before, after, strict=True):
             sent = a["video_frames_sent"] - b["video_frames_sent"]
             repeated = a["video_frames_repeated"] - b["video_frames_repeated"]
             fresh.append(sent / max(1, sent + repeated))
@@ -81,8 +80,13 @@ async def cycles(url: str, token: str | None, avatar: str, count: int) -> dict:
     marks = {}
     for i in range(1, count + 1):
         c = await open_when_admitted(url, token, avatar)
-        while not c.received.video_times:
-            await asyncio.sleep(0.02)
+        try:
+            async with asyncio.timeout(30):
+                await c.first_video()
+        except TimeoutError:
+            await c.stop()
+            await c.close()
+            raise RuntimeError(f"session {i} did not start streaming within 30 s") from None
         await c.stop()
         await c.close()
         if i in (1, count):
@@ -98,7 +102,7 @@ async def cycles(url: str, token: str | None, avatar: str, count: int) -> dict:
 async def run(args) -> int:
     url = args.url.rstrip("/")
     async with AvatarClient(url, args.token) as c:
-        avatar = await c.upload_avatar(Path(args.portrait).read_bytes())
+        avatar = await c.upload_avatar(await asyncio.to_thread(Path(args.portrait).read_bytes))
     print(f"load test of {url}: media {args.media}, {args.seconds:.0f} s windows")
     print(f"{'N':>3} {'fps per session (received)':<34}{'fresh frames':>14}{'late blocks':>12}"
           f"{'loop lag p50':>14}{'p99':>8}{'delay s':>9}{'worker busy':>13}")

@@ -32,8 +32,8 @@ class ServerMetrics:
                                    registry=r)
         self.capacity_free.set(max_sessions)
         self.model_ready = Gauge("avatar_model_ready", "1 once the model is loaded and warm", registry=r)
-        self.session_cost = Gauge("avatar_session_cost_ratio", "Measured at warm-up: compute per session as a "
-                                                              "fraction of real time (which: first, more)",
+        self.session_cost = Gauge("avatar_session_cost_ratio", "Compute per session as a fraction of real "
+                                                              "time, from live steps (which: first, more)",
                                   ["which"], registry=r)
         self.worker_utilisation = Gauge("avatar_worker_utilisation", "Share of the last 5 s the model worker "
                                                                       "spent stepping", registry=r)
@@ -50,6 +50,11 @@ class ServerMetrics:
         self.batch_size = Histogram("avatar_worker_batch_size", "Sessions advanced per engine step",
                                     buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
         self.blocks = Counter("avatar_blocks_total", "Blocks generated", registry=r)
+        self.skipped_frames = Counter("avatar_engine_skipped_frames_total",
+                                      "Frames never generated because the engine fell behind and skipped ahead",
+                                      registry=r)
+        self.skip_aheads = Counter("avatar_engine_skip_aheads_total",
+                                   "Times the engine skipped ahead (gaps before a block)", registry=r)
         self.late_blocks = Counter("avatar_late_blocks_total", "Blocks whose first frame was due before it was ready",
                                    registry=r)
         # Media

@@ -9,7 +9,15 @@ Policy for late and stale content, stated:
 - A block that is not ready when its frames are due: the video repeats its last frame and the audio is
   silent; neither advances, and the block's frames that are already stale when it arrives are skipped.
   Every late block raises `delay` by its lateness plus one frame (up to `max_delay`), so a session whose
-  compute time grew stops stalling; after 20 s without a late block `delay` creeps back, a frame at a time.
+  compute time grew stops stalling; once no block has been late for `RELAX_AFTER_S`, `delay` returns to
+  its target a frame every `RELAX_EVERY_S` (from 1.5 s to 0.7 s in about 6 s), skipping that frame.
+- Frames the engine skipped (it fell behind and regenerated from newer input: a gap between one block's
+  last frame and the next block's first) are never generated: while their playout time is still ahead,
+  the picture holds and the audio is silent for exactly the gap, then playout moves on; when their time
+  has passed they are skipped at once with the rest of the stale content. Nothing waits for them.
+- Barge-in mutes (it does not regenerate): speech already generated is silenced from the next audio
+  frame, and a block whose speech was claimed before the interrupt (the one being generated) plays its
+  frames without sound when it arrives.
 - Stale content is dropped video first: video more than half a frame behind its playout time is skipped
   at once, audio only when more than 120 ms behind (a short audio gap is worse than a skipped frame).
 - Buffers are bounded: blocks older than both tracks' positions are released, and at most `max_blocks`
@@ -24,6 +32,8 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
 
 import av
 import numpy as np
@@ -34,6 +44,35 @@ from avatar_forcing.model.engine import BlockOutput
 VIDEO_CLOCK = 90000
 AUDIO_FRAME_S = 0.02
 AUDIO_STALE_S = 0.12
+RELAX_AFTER_S = 2.0  # no late block for this long: the delay may come back towards its target
+RELAX_EVERY_S = 0.2  # ... one frame at a time, this often
+MAX_GAPS = 16  # skipped spans remembered (older ones are behind playout anyway)
+
+
+class PlayableBlock(Protocol):
+    """What playout reads of a generated block (a BlockOutput has it; so does ReadyBlock)."""
+
+    first_frame: int
+    frames: np.ndarray | None
+    audio: np.ndarray  # the block's frames' speech at the playout rate (frames * samples per frame)
+    lead_in: bool
+
+
+@dataclass
+class ReadyBlock:
+    """A block as it crosses from the model worker to the event loop: the pictures and the sound, without
+    the motion latents (GPU tensors the loop has no use for, whose memory would otherwise be held, and
+    freed, on the loop thread while playout keeps the block)."""
+
+    first_frame: int
+    frames: np.ndarray | None
+    audio: np.ndarray
+    lead_in: bool
+    latency: float  # seconds from the block's last input to its outputs
+
+    @classmethod
+    def of(cls, block: BlockOutput) -> ReadyBlock:
+        return cls(block.first_frame, block.frames, block.audio, block.lead_in, block.done_at - block.ready_at)
 
 
 class Playout:
@@ -45,17 +84,22 @@ class Playout:
         self.clock = clock
         self.max_blocks = max_blocks
         self.origin_time: float | None = None  # set when the engine session opens
-        self.blocks: deque[BlockOutput] = deque()
+        self.blocks: deque[PlayableBlock] = deque()
         self.video_next = 0  # next session frame to show
         self.audio_next = 0  # next session audio sample to play
         self.last_frame = np.zeros((frame_size, frame_size, 3), dtype=np.uint8)
         self.last_late = -math.inf
         self._last_relax = -math.inf
+        self.generated_until = 0  # end of the newest block pushed
+        self.gaps: deque[tuple[int, int]] = deque(maxlen=MAX_GAPS)  # [start, stop) the engine skipped
+        self.mute_before = 0  # barge-in: speech of frames before this was claimed before an interrupt
         self._started = False
         self.ended = False
         # Counters (read by the session's stats and the metrics).
         self.late_blocks = 0
         self.video_sent = self.video_repeated = self.video_dropped = 0
+        self.skipped_frames = self.skipped_blocks = 0  # the engine's skip-ahead, as gaps in the blocks
+        self.gap_frames_held = 0  # skipped frames whose slot was still ahead (picture held, silence)
         self.audio_sent = self.audio_silent = self.audio_dropped_s = 0.0
         self.video_lag = self.audio_lag = 0.0  # how late the last content left vs its playout time
 
@@ -71,10 +115,18 @@ class Playout:
             self._started = True
 
     def playout_time(self, frame: float) -> float:
+        if self.origin_time is None:  # callers check first: there is no timeline before start()
+            raise RuntimeError("the playout has not started: no timeline yet")
         return self.origin_time + frame / self.fps + self.delay
 
-    def push(self, block: BlockOutput) -> bool:
+    def push(self, block: PlayableBlock) -> bool:
         """Add a generated block; returns True when it is late (its first frame was already due)."""
+        block = self._muted(block)
+        if block.first_frame > self.generated_until and self.generated_until > 0:
+            self.gaps.append((self.generated_until, block.first_frame))
+            self.skipped_frames += block.first_frame - self.generated_until
+            self.skipped_blocks += 1
+        self.generated_until = max(self.generated_until, block.first_frame + self._count(block))
         self.blocks.append(block)
         while len(self.blocks) > self.max_blocks:
             self.blocks.popleft()
@@ -91,12 +143,23 @@ class Playout:
         return True
 
     def _relax(self, now: float) -> None:
-        if self.delay > self.target_delay and now - self.last_late > 20 and now - self._last_relax > 2:
+        if (self.delay > self.target_delay and now - self.last_late > RELAX_AFTER_S
+                and now - self._last_relax > RELAX_EVERY_S):
             self.delay = max(self.target_delay, self.delay - 1 / self.fps)
             self._last_relax = now
 
-    def interrupt(self) -> float:
-        """Barge-in: silence speech already generated but not played yet; returns seconds silenced."""
+    def _muted(self, block: PlayableBlock) -> PlayableBlock:
+        """The block with the sound of frames before `mute_before` removed (its speech predates a barge-in)."""
+        stop = min(self.mute_before, block.first_frame + self._count(block)) - block.first_frame
+        if stop > 0 and np.any(block.audio[: stop * self.spf]):
+            block.audio = block.audio.copy()
+            block.audio[: stop * self.spf] = 0
+        return block
+
+    def interrupt(self, claimed_until: int = 0) -> float:
+        """Barge-in: silence speech already generated but not played yet, and mute the speech of frames
+        before `claimed_until` in blocks still to come; returns seconds silenced now."""
+        self.mute_before = max(self.mute_before, claimed_until)
         silenced = 0
         for block in self.blocks:
             start = block.first_frame * self.spf
@@ -107,12 +170,16 @@ class Playout:
                 block.audio[skip:] = 0
         return silenced / self.sample_rate
 
+    def _count(self, block: PlayableBlock) -> int:
+        """Frames in a block: its audio covers exactly its frames (the latents stay with the worker)."""
+        return len(block.audio) // self.spf
+
     def queued_frames(self) -> int:
-        return sum(len(b.latents) for b in self.blocks if b.first_frame + len(b.latents) > self.video_next)
+        return sum(self._count(b) for b in self.blocks if b.first_frame + self._count(b) > self.video_next)
 
     def _release(self) -> None:
         keep_from = min(self.video_next, self.audio_next // self.spf)
-        while self.blocks and self.blocks[0].first_frame + len(self.blocks[0].latents) <= keep_from:
+        while self.blocks and self.blocks[0].first_frame + self._count(self.blocks[0]) <= keep_from:
             self.blocks.popleft()
 
     def _newest_frame_before(self, frame: int) -> np.ndarray | None:
@@ -121,9 +188,16 @@ class Playout:
                 return block.frames[min(frame, block.first_frame + len(block.frames)) - 1 - block.first_frame]
         return None
 
-    def _block_of(self, frame: int) -> BlockOutput | None:
+    def _gap_end(self, frame: int) -> int | None:
+        """End of the skipped span holding `frame`, or None."""
+        for start, stop in self.gaps:
+            if start <= frame < stop:
+                return stop
+        return None
+
+    def _block_of(self, frame: int) -> PlayableBlock | None:
         for block in self.blocks:
-            if block.first_frame <= frame < block.first_frame + len(block.latents):
+            if block.first_frame <= frame < block.first_frame + self._count(block):
                 return block
         return None
 
@@ -134,6 +208,7 @@ class Playout:
         if self.origin_time is None:
             self.video_repeated += 1
             return self.last_frame
+        self._relax(tick)
         due = self.playout_time(self.video_next)
         if due < tick - 0.5 / self.fps:  # stale: skip to the frame playing now
             target = math.floor((tick - self.origin_time - self.delay) * self.fps)
@@ -141,6 +216,12 @@ class Playout:
             self.video_next = target
             due = self.playout_time(self.video_next)
         block = self._block_of(self.video_next) if due <= tick + 0.5 / self.fps else None
+        if block is None and due <= tick + 0.5 / self.fps and self._gap_end(self.video_next) is not None:
+            # Skipped by the engine, its slot is now: hold the picture for that slot, then move on.
+            self.video_next += 1
+            self.video_repeated += 1
+            self.gap_frames_held += 1
+            return self.last_frame
         if block is None or block.frames is None:
             # Ahead of time, or its block is late: hold the newest picture generated so far (never black
             # once anything was generated).
@@ -157,7 +238,7 @@ class Playout:
         return self.last_frame
 
     def audio_chunk(self, tick: float, samples: int) -> np.ndarray:
-        """The `samples` of audio (model rate) to send at this tick."""
+        """The `samples` of audio (playout rate) to send at this tick."""
         silence = np.zeros(samples, dtype=np.float32)
         if self.origin_time is None:
             self.audio_silent += samples
@@ -177,7 +258,11 @@ class Playout:
             frame = (self.audio_next + filled) // self.spf
             block = self._block_of(frame)
             if block is None:
-                break
+                gap_end = self._gap_end(frame)
+                if gap_end is None:
+                    break
+                filled += min(samples - filled, gap_end * self.spf - (self.audio_next + filled))  # silence
+                continue
             offset = self.audio_next + filled - block.first_frame * self.spf
             take = min(samples - filled, len(block.audio) - offset)
             out[filled:filled + take] = block.audio[offset:offset + take]

@@ -12,15 +12,16 @@ import logging
 import secrets
 import time
 import weakref
+from collections.abc import Callable
 from concurrent.futures import Executor
 
+import av
 import numpy as np
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
 from avatar_forcing.model.engine import BlockOutput
 from avatar_forcing.model.engine.clock import TimestampMapper
-from avatar_forcing.model.engine.inputs import LiveInputs
 from avatar_forcing.model.media.audio import frame_to_mono
 from avatar_forcing.stats import percentile
 
@@ -29,7 +30,8 @@ from .config import ServerSettings
 from .errors import ApiError
 from .logs import session_id_var
 from .metrics import ServerMetrics
-from .playout import AUDIO_FRAME_S, AvatarAudioTrack, AvatarVideoTrack, Playout
+from .playout import AUDIO_FRAME_S, AvatarAudioTrack, AvatarVideoTrack, Playout, ReadyBlock
+from .speech import SpeechInputs
 from .turn import ice_servers
 from .worker import ModelWorker
 
@@ -46,7 +48,7 @@ def new_session_id() -> str:
 
 
 class ServerSession:
-    def __init__(self, settings: ServerSettings, avatar: Avatar, inputs: LiveInputs, worker: ModelWorker,
+    def __init__(self, settings: ServerSettings, avatar: Avatar, inputs: SpeechInputs, worker: ModelWorker,
                  metrics: ServerMetrics, executor: Executor, fps: int, sample_rate: int, seed: int | None):
         self.id = new_session_id()
         ALIVE.add(self)
@@ -60,18 +62,21 @@ class ServerSession:
         self.created_mono = time.monotonic()
         self.last_input = time.monotonic()
         self.clock_start: float | None = None
-        self.playout = Playout(fps, sample_rate, avatar.crop.shape[0], settings.target_latency_s,
+        # The avatar's speech plays at the inputs' playback rate (48 kHz), not the model's 16 kHz.
+        self.playout = Playout(fps, inputs.playback_rate, avatar.crop.shape[0], settings.target_latency_s,
                                settings.max_latency_s)
         servers = [RTCIceServer(**s) for s in ice_servers(settings, name=self.id)]
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=servers or None))
         self.video_out = AvatarVideoTrack(self.playout, on_frame=self._video_sent)
-        self.audio_out = AvatarAudioTrack(self.playout)
+        self.audio_out = AvatarAudioTrack(self.playout, on_frame=self._audio_sent)
+        self.playback_listeners: set[asyncio.Queue] = set()  # speech sockets that asked for playback events
         self._tasks: set[asyncio.Task] = set()
         self._closing: asyncio.Task | None = None
+        self.ended = asyncio.Event()  # set when the session ends (speech sockets close on it)
         self._mic_clock, self._cam_clock = TimestampMapper(), TimestampMapper()
-        self._latest_frame = None
+        self._latest_frame: tuple[av.VideoFrame, float] | None = None  # newest camera frame, its arrival
         self._frame_ready = asyncio.Event()
-        self.on_closed = None  # set by the manager
+        self.on_closed: Callable[[ServerSession, str], None] | None = None  # set by the manager
         # Counters for GET /v1/sessions/{id}
         self.user_audio_seconds = 0.0
         self.user_video_frames = 0
@@ -150,8 +155,8 @@ class ServerSession:
     # -- avatar output ---------------------------------------------------------------------------------------
 
     def _from_worker(self, block: BlockOutput) -> None:
-        """Called on the worker thread."""
-        self.loop.call_soon_threadsafe(self._on_block, block)
+        """Called on the worker thread: the latents stay here (the loop needs the pictures and sound)."""
+        self.loop.call_soon_threadsafe(self._on_block, ReadyBlock.of(block))
 
     def _from_worker_error(self, message: str) -> None:
         """Called on the worker thread when this session's block failed and the engine dropped it."""
@@ -161,17 +166,26 @@ class ServerSession:
         log.error("the engine dropped this session: %s", message)
         self.close("engine_error")
 
-    def _on_block(self, block: BlockOutput) -> None:
+    def _on_block(self, block: ReadyBlock) -> None:
         if self.state == "closed":
             return
         self.blocks += 1
-        self.block_latency.append(block.done_at - block.ready_at)
+        self.block_latency.append(block.latency)
         del self.block_latency[:-100]
         if self.playout.push(block):
             self.metrics.late_blocks.inc()
 
     def _video_sent(self) -> None:
         self.metrics.av_offset.observe(self.playout.av_offset())
+
+    def _audio_sent(self) -> None:
+        """After every 20 ms of audio handed to the encoder: utterances that started or finished playing."""
+        self._announce(self.inputs.utterances.poll(self.playout.audio_next))
+
+    def _announce(self, events: list[dict]) -> None:
+        for event in events:
+            for listener in self.playback_listeners:
+                listener.put_nowait(event)
 
     # -- client input ----------------------------------------------------------------------------------------
 
@@ -243,24 +257,41 @@ class ServerSession:
     def queued_speech_seconds(self) -> float:
         return self.inputs.queued_speech_frames() / self.playout.fps
 
-    def push_speech(self, pcm: np.ndarray, rate: int) -> dict:
+    def push_speech(self, pcm: np.ndarray, rate: int, end_utterance: bool = False) -> dict:
+        """Queue speech at its own rate in the open utterance (ending it when `end_utterance`: a WAV upload
+        is one utterance). Called in a media thread (resampling is codec work)."""
         seconds = len(pcm) / rate
         if self.queued_speech_seconds() + seconds > self.settings.max_speech_seconds:
             raise ApiError(413, "too_much_speech", f"{seconds:.1f} s more speech would queue over the "
                                                     f"{self.settings.max_speech_seconds:.0f} s limit; "
                                                     "send it in smaller pieces as it plays")
-        first = self.inputs.push_speech(pcm, rate)
+        first, utterance = self.inputs.queue_speech(pcm, rate, end=end_utterance)
         self.last_input = time.monotonic()
         self.worker.wake()
         starts_in = 0.0
         if self.clock_start is not None:
             starts_in = max(0.0, self.playout.playout_time(first) - time.monotonic())
-        return {"queued_seconds": round(self.queued_speech_seconds(), 3), "starts_in_seconds": round(starts_in, 3)}
+        return {"queued_seconds": round(self.queued_speech_seconds(), 3), "starts_in_seconds": round(starts_in, 3),
+                "utterance_id": utterance}
+
+    def end_utterance(self) -> int:
+        """The application marked the end of what it said (flush): its playback_finished comes once heard."""
+        utterance = self.inputs.end_utterance()
+        self.worker.wake()
+        return utterance
 
     def interrupt(self) -> float:
+        """Barge-in: drop queued speech, silence generated speech not played yet, and mute the blocks
+        that claimed their speech before now but are not delivered yet (the one being generated: its
+        lips may still move for up to a block, its sound never plays)."""
         dropped = self.queued_speech_seconds()
         self.inputs.interrupt()
-        return dropped + self.playout.interrupt()
+        # Read after the truncation: a block claimed concurrently either lost its speech to it or has a
+        # first frame before this (next_frame only grows), so it is muted either way.
+        claimed = self.inputs.next_frame
+        dropped += self.playout.interrupt(claimed)
+        self._announce(self.inputs.utterances.interrupt(self.playout.audio_next, dropped))
+        return dropped
 
     # -- stats -----------------------------------------------------------------------------------------------
 
@@ -272,19 +303,21 @@ class ServerSession:
         out: dict[str, float] = {}
         bytes_by_dir = {"outbound": 0.0, "inbound": 0.0}
         lost = {"outbound": [0.0, 0.0], "inbound": [0.0, 0.0]}  # lost, total
+        # aiortc 1.16's fields: bytes only on the transport; RTT and the client's losses on remote-inbound-rtp.
         for stat in report.values():
             kind = stat.type
-            if kind == "remote-inbound-rtp":  # the client's view of what we send
-                if getattr(stat, "roundTripTime", None) is not None:
-                    out["rtt"] = max(out.get("rtt", 0.0), float(stat.roundTripTime))
-                lost["outbound"][0] += float(getattr(stat, "packetsLost", 0) or 0)
-            elif kind == "outbound-rtp":
+            if kind == "transport":
                 bytes_by_dir["outbound"] += float(stat.bytesSent or 0)
+                bytes_by_dir["inbound"] += float(stat.bytesReceived or 0)
+            elif kind == "remote-inbound-rtp":  # the client's view of what we send
+                if stat.roundTripTime is not None:
+                    out["rtt"] = max(out.get("rtt", 0.0), float(stat.roundTripTime))
+                lost["outbound"][0] += float(stat.packetsLost or 0)
+            elif kind == "outbound-rtp":
                 lost["outbound"][1] += float(stat.packetsSent or 0)
             elif kind == "inbound-rtp":
-                bytes_by_dir["inbound"] += float(stat.bytesReceived or 0)
-                lost["inbound"][0] += float(getattr(stat, "packetsLost", 0) or 0)
-                lost["inbound"][1] += float(stat.packetsReceived or 0) + float(getattr(stat, "packetsLost", 0) or 0)
+                lost["inbound"][0] += float(stat.packetsLost or 0)
+                lost["inbound"][1] += float(stat.packetsReceived or 0) + float(stat.packetsLost or 0)
         for direction, total in bytes_by_dir.items():
             prev = self._stats_prev.get(direction)
             if prev is not None and now > prev[0]:
@@ -302,7 +335,8 @@ class ServerSession:
         now = {"video_sent": p.video_sent, "video_repeated": p.video_repeated, "video_dropped": p.video_dropped,
                "audio_sent": p.audio_sent / p.sample_rate / AUDIO_FRAME_S,
                "audio_silent": p.audio_silent / p.sample_rate / AUDIO_FRAME_S,
-               "input_late": self.inputs.user.dropped_samples / p.sample_rate}
+               "input_late": self.inputs.user.dropped_samples / self.inputs.s.sample_rate,
+               "skipped_frames": p.skipped_frames, "skip_aheads": p.skipped_blocks}
         delta = {k: v - self._metric_prev.get(k, 0) for k, v in now.items()}
         self._metric_prev = now
         m = self.metrics
@@ -312,6 +346,8 @@ class ServerSession:
         m.frames_dropped.labels("video", "repeated").inc(delta["video_repeated"])
         m.frames_dropped.labels("audio", "silence").inc(delta["audio_silent"])
         m.input_dropped.labels("audio_seconds").inc(delta["input_late"])
+        m.skipped_frames.inc(delta["skipped_frames"])
+        m.skip_aheads.inc(delta["skip_aheads"])
 
     def snapshot(self) -> dict:
         p = self.playout
@@ -331,6 +367,9 @@ class ServerSession:
                 "video_frames_sent": p.video_sent,
                 "video_frames_repeated": p.video_repeated,
                 "video_frames_dropped": p.video_dropped,
+                "engine_skipped_frames": p.skipped_frames,
+                "engine_skip_aheads": p.skipped_blocks,
+                "skipped_frames_held": p.gap_frames_held,
                 "video_ticks_skipped": self.video_out.skipped,
                 "audio_ticks_skipped": self.audio_out.skipped,
                 "audio_seconds_sent": round(p.audio_sent / p.sample_rate, 2),
@@ -342,10 +381,12 @@ class ServerSession:
                 "user_video_frames_received": self.user_video_frames,
                 "user_video_frames_skipped": self.user_video_dropped,
                 "user_video_frames_overflowed": self.inputs.frames.dropped_frames,
-                "user_audio_late_seconds": round(self.inputs.user.dropped_samples / p.sample_rate, 3),
+                "user_audio_late_seconds": round(self.inputs.user.dropped_samples / self.inputs.s.sample_rate, 3),
+                "utterances_unfinished": self.inputs.utterances.unfinished(),
                 **{f"webrtc_{k}": round(v, 4) for k, v in self.webrtc.items()},
             },
             "timings": {"block_latency_p50_ms": pct(50), "block_latency_p99_ms": pct(99)},
+            "playback_events": list(self.inputs.utterances.recent),
         }
 
     # -- ending ----------------------------------------------------------------------------------------------
@@ -354,6 +395,7 @@ class ServerSession:
         """End the session (idempotent); returns the task doing it, which callers may await."""
         if self._closing is None:
             self.state, self.end_reason = "closed", reason
+            self.ended.set()
             self._closing = self.loop.create_task(self._close(reason))
         return self._closing
 
@@ -381,4 +423,6 @@ class ServerSession:
         # buffers are freed now rather than at Python's next full collection.
         self.pc.remove_all_listeners()
         self.video_out.on_frame = None
+        self.audio_out.on_frame = None
+        self.playback_listeners.clear()
         self.on_closed = None

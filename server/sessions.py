@@ -14,6 +14,7 @@ from .config import ServerSettings
 from .errors import ApiError
 from .metrics import ServerMetrics
 from .session import ServerSession
+from .speech import SpeechInputs
 from .worker import ModelWorker
 
 log = logging.getLogger("avatar_forcing.server.sessions")
@@ -70,8 +71,8 @@ class SessionManager:
 
     async def create(self, avatar: Avatar, sdp: str, kind: str, seed: int | None) -> tuple[ServerSession, str]:
         self.admit()  # again: capacity may have gone while the request was read
-        engine = self.worker.engine
-        inputs = await asyncio.get_running_loop().run_in_executor(self.executor, engine.new_live_inputs)
+        engine = self.worker.live_engine()  # admit(): the worker is ready, so its engine is loaded
+        inputs = await asyncio.get_running_loop().run_in_executor(self.executor, SpeechInputs, engine.live_settings)
         self.admit()  # and again after that await: the check and the insert below must not be split
         session = ServerSession(self.settings, avatar, inputs, self.worker, self.metrics, self.executor,
                                 self.fps, self.sample_rate, seed)
@@ -151,7 +152,8 @@ class SessionManager:
             self.metrics.loop_tasks.set(len(asyncio.all_tasks()))
             self.metrics.threads.set(threading.active_count())
             self.metrics.session_objects.set(len(session_module.ALIVE))
-            self.metrics.queue_depth.labels("output_frames").set(sum(s.playout.queued_frames() for s in self.sessions.values()))
+            self.metrics.queue_depth.labels("output_frames").set(
+                sum(s.playout.queued_frames() for s in self.sessions.values()))
             self.metrics.queue_depth.labels("speech_seconds").set(
                 sum(s.queued_speech_seconds() for s in self.sessions.values()))
 
@@ -187,6 +189,6 @@ class SessionManager:
                 continue
             try:
                 await s.collect_webrtc_stats()
-            except Exception as exc:  # stats are best effort; a closing connection may refuse
-                log.debug("stats of %s failed: %s", s.id, exc)
+            except Exception as exc:  # best effort, but a failure of a live one is a bug worth seeing
+                (log.debug if s.state == "closed" else log.warning)("stats of %s failed: %r", s.id, exc)
             s.flush_metrics()

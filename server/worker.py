@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from avatar_forcing.model.avatar_forcing import AvatarForcing
+from avatar_forcing.model.cpus import usable_cpus
 from avatar_forcing.model.engine import BlockOutput, EngineSettings, StreamingEngine
 
 from .metrics import ServerMetrics
@@ -31,10 +32,16 @@ log = logging.getLogger("avatar_forcing.server.worker")
 
 Sink = Callable[[BlockOutput], None]
 
+# Private test hook (not a documented setting): every engine step is padded with a sleep until it has
+# taken this many blocks of real time per session it advanced, e.g. 1.5 = a worker 1.5x too slow.
+SLOW_STEP_ENV = "AVATAR_FORCING_TEST_STEP_BLOCKS"
+COST_EWMA = 0.2  # weight of the newest live step in the per-batch-size step time
+
 
 class ModelWorker:
     def __init__(self, load_model: Callable[[], AvatarForcing], engine_settings: EngineSettings,
-                 metrics: ServerMetrics, warmup_blocks: int = 3, cpu_threads: int | None = None):
+                 metrics: ServerMetrics, warmup_blocks: int = 3, cpu_threads: int | None = None,
+                 remeasure_idle_s: float = 30.0):
         self._load_model = load_model
         self._cpu_threads = cpu_threads
         self._engine_settings = engine_settings
@@ -48,7 +55,16 @@ class ModelWorker:
         self._thread = threading.Thread(target=self._run, name="model-worker", daemon=True)
         self.engine: StreamingEngine | None = None
         self._busy: deque[tuple[float, float]] = deque()  # (end, seconds) of recent steps
-        self.cost_first = self.cost_more = 0.0  # measured at warm-up: fractions of real time per session
+        # A session's cost as a fraction of real time: alone, and each further one under batching. Measured
+        # at warm-up, then tracked from every live step (and re-measured while idle), so one noisy start-up
+        # figure never decides admission for long.
+        self.cost_first = self.cost_more = 0.0
+        self._step_time: dict[int, float] = {}  # batch size -> recent step seconds (EWMA)
+        self._block_s = 0.0
+        self._measured_at = 0.0
+        self._remeasure_idle_s = remeasure_idle_s
+        self.slow_step_blocks = float(os.environ.get(SLOW_STEP_ENV) or 0)
+        self._probe_portrait: Any = None  # the warm-up's portrait code, reused by re-measurements
         self.ready = threading.Event()
         self.error: BaseException | None = None
         self.on_fatal: Callable[[BaseException], None] | None = None
@@ -115,7 +131,7 @@ class ModelWorker:
             t0 = time.perf_counter()
             # Leave a core to the event loop and the codecs: torch's spinning worker threads otherwise
             # fight them for it (measured on 2 cores: blocks 5-8x slower with 2 threads than with 1).
-            torch.set_num_threads(self._cpu_threads or max(1, (os.cpu_count() or 2) - 1))
+            torch.set_num_threads(self._cpu_threads or max(1, usable_cpus() - 1))
             model = self._load_model()
             settings = self._engine_settings
             if settings.precision == "auto":
@@ -139,6 +155,8 @@ class ModelWorker:
         while not self._stopping:
             self._run_commands()
             if not self._step():
+                if not self.engine.sessions and time.monotonic() - self._measured_at > self._remeasure_idle_s:
+                    self._remeasure()
                 self._wake.wait(0.01)
                 self._wake.clear()
         self._run_commands()  # closes queued at shutdown
@@ -155,10 +173,10 @@ class ModelWorker:
                 log.exception("worker command failed")
 
     def _step(self) -> bool:
-        engine = self.engine
+        engine = self.live_engine()
         t0 = time.perf_counter()
         try:
-            outputs = engine.step()
+            outputs = self._engine_step()
         except Exception as exc:
             self._drop_due_sessions(exc)
             return False
@@ -168,6 +186,7 @@ class ModelWorker:
         seconds = time.perf_counter() - t0
         m.step_seconds.observe(seconds)
         self._busy.append((time.monotonic(), seconds))
+        self._track_cost(len(outputs), seconds)
         for timings, size in {id(o.timings): (o.timings, o.batch_size) for o in outputs}.values():
             m.batch_size.observe(size)
             for stage, seconds in timings.items():
@@ -187,7 +206,7 @@ class ModelWorker:
         """A failing step must not take the worker or other sessions down, nor be retried forever: the
         sessions it was advancing leave the engine (their state may be half-updated) and their owners
         are told, so they end them."""
-        engine = self.engine
+        engine = self.live_engine()
         failed = [d.session.id for d in engine.due()]
         log.error("engine step failed for sessions %s: %s", failed, exc, exc_info=exc)
         for sid in failed:
@@ -205,48 +224,103 @@ class ModelWorker:
             self._busy.popleft()
         return min(1.0, sum(seconds for _, seconds in list(self._busy)) / window_s)
 
+    def live_engine(self) -> StreamingEngine:
+        """The engine, once the model is loaded (`ready` is set); before that, a RuntimeError."""
+        if self.engine is None:
+            raise RuntimeError("the model is not loaded")
+        return self.engine
+
+    def _engine_step(self, now: float | None = None) -> list[BlockOutput]:
+        engine = self.live_engine()
+        t0 = time.perf_counter()
+        outputs = engine.step() if now is None else engine.step(now=now)
+        if self.slow_step_blocks > 0 and outputs:  # the test hook: a worker this many times too slow
+            time.sleep(max(0.0, self.slow_step_blocks * self._block_s * len(outputs) - (time.perf_counter() - t0)))
+        return outputs
+
+    def _track_cost(self, batch: int, seconds: float) -> None:
+        """Fold a live step into the step time of its batch size and re-derive the session costs."""
+        old = self._step_time.get(batch)
+        self._step_time[batch] = seconds if old is None else (1 - COST_EWMA) * old + COST_EWMA * seconds
+        self._set_costs()
+
+    def _set_costs(self) -> None:
+        times, block_s = self._step_time, self._block_s
+        if 1 in times:
+            self.cost_first = times[1] / block_s
+        larger = [b for b in times if b > 1]
+        if larger:
+            b = max(larger)
+            base = times.get(1, times[b] / b)
+            self.cost_more = max(0.0, times[b] - base) / (b - 1) / block_s
+        self._metrics.session_cost.labels("first").set(self.cost_first)
+        self._metrics.session_cost.labels("more").set(self.cost_more)
+
     def _warm_up(self) -> None:
         """Throwaway sessions, so the first real one does not pay for first-call allocations, and so the
-        cost of a session is known before any is live: one alone, then two together (the marginal cost
-        of another one under batching), as fractions of real time."""
-        engine = self.engine
+        cost of a session is known before any is live."""
+        engine = self.live_engine()
+        cfg = engine.model.config
+        self._block_s = cfg.transformer.block_frames / cfg.fps
+        size = cfg.motion.input_size
+        face = np.random.default_rng(0).integers(0, 255, (size, size, 3), dtype=np.uint8)
+        self._probe_portrait = engine.portraits.get(face)  # kept: re-measuring never evicts a real one
+        try:
+            self._measure()
+        finally:
+            engine.portraits.clear()
+        log.info("a session costs %.0f%% of real time alone, %.0f%% more for each further one (batched)",
+                 100 * self.cost_first, 100 * self.cost_more)
+
+    def _remeasure(self) -> None:
+        """While idle: measure again (a busy start, or load that has gone, must not decide for long)."""
+        self._measure()
+        log.info("re-measured while idle: a session costs %.0f%% of real time alone, %.0f%% more for each "
+                 "further one", 100 * self.cost_first, 100 * self.cost_more)
+
+    def _measure(self) -> None:
+        """One throwaway session alone, then two together where the pool has room (the marginal cost of
+        another one under batching), as fractions of real time."""
+        engine = self.live_engine()
         cfg = engine.model.config
         size = cfg.motion.input_size
         rng = np.random.default_rng(0)
         seconds = (2 + self._warmup_blocks * 2) * cfg.transformer.block_frames / cfg.fps + 2
-        block_s = cfg.transformer.block_frames / cfg.fps
         opened = []
 
         def add(name: str) -> None:
-            session = engine.open_session(rng.integers(0, 255, (size, size, 3), dtype=np.uint8), seed=0,
-                                          now=-1e6, session_id=name)
-            session.inputs.push_speech((0.05 * rng.standard_normal(int(seconds * cfg.sampling_rate))).astype(np.float32))
+            inputs = engine.new_live_inputs()
+            session = engine.open_session(self._probe_portrait, inputs=inputs, seed=0, now=-1e6, session_id=name)
+            speech = 0.05 * rng.standard_normal(int(seconds * cfg.sampling_rate))
+            inputs.push_speech(speech.astype(np.float32))
             for j in range(int(seconds * cfg.fps)):  # webcam crops, so the motion encoder runs too
-                session.inputs.push_user_crop(rng.integers(0, 255, (size, size, 3), dtype=np.uint8), j / cfg.fps)
+                inputs.push_user_crop(rng.integers(0, 255, (size, size, 3), dtype=np.uint8), j / cfg.fps)
             opened.append(session)
-            engine.step(now=1e9)  # its priming block
+            self._engine_step(now=1e9)  # its priming block
 
         def timed_steps() -> float:
             times = []
             for _ in range(self._warmup_blocks):
                 t0 = time.perf_counter()
-                engine.step(now=1e9)
+                self._engine_step(now=1e9)
                 times.append(time.perf_counter() - t0)
             return min(times)
 
+        # The throwaway sessions step as fast as they can (now=1e9): catch-up must not skip them ahead
+        # (it would move their queued speech a billion seconds on).
+        max_lag, engine.scheduler.max_lag_frames = engine.scheduler.max_lag_frames, None
         try:
             add("warm-up-1")
-            engine.step(now=1e9)  # first streaming shapes
-            one = timed_steps()
-            add("warm-up-2")
-            two = timed_steps()
+            self._engine_step(now=1e9)  # first streaming shapes
+            self._step_time = {1: timed_steps()}
+            if engine.pool.capacity >= 2:  # one slot (MAX_SESSIONS=1): no batching to measure
+                add("warm-up-2")
+                self._step_time[2] = timed_steps()
         finally:
+            engine.scheduler.max_lag_frames = max_lag
             for session in opened:
                 engine.close_session(session.id)
-            engine.portraits.clear()
-        self.cost_first = one / block_s
-        self.cost_more = max(0.0, two - one) / block_s
-        self._metrics.session_cost.labels("first").set(self.cost_first)
-        self._metrics.session_cost.labels("more").set(self.cost_more)
-        log.info("a session costs %.0f%% of real time alone, %.0f%% more for each further one (batched)",
-                 100 * self.cost_first, 100 * self.cost_more)
+        if 2 not in self._step_time:
+            self.cost_more = self._step_time[1] / self._block_s  # unknown: assume no batching gain
+        self._set_costs()
+        self._measured_at = time.monotonic()

@@ -21,8 +21,9 @@ pytestmark = [needs_rtc_host, needs_golden, needs_media,
                                  reason="needs Debian's prometheus package (scripts/install-system-deps.sh)")]
 
 
-def query(base: str, expr: str) -> list:
-    r = httpx.get(base + "/api/v1/query", params={"query": expr}, timeout=5)
+async def query(base: str, expr: str) -> list:
+    async with httpx.AsyncClient(timeout=5) as http:
+        r = await http.get(base + "/api/v1/query", params={"query": expr})
     r.raise_for_status()
     return r.json()["data"]["result"]
 
@@ -54,16 +55,17 @@ scrape_configs:
                     while time.monotonic() < deadline:
                         await asyncio.sleep(1)
                         try:
-                            active = query(prom_url, "avatar_sessions_active")
-                            blocks = query(prom_url, "avatar_block_latency_seconds_count")
+                            active = await query(prom_url, "avatar_sessions_active")
+                            blocks = await query(prom_url, "avatar_block_latency_seconds_count")
                         except httpx.HTTPError:
                             continue  # Prometheus still starting
                         if active and float(active[0]["value"][1]) >= 1 and blocks and \
                                 float(blocks[0]["value"][1]) > 0:
                             break
-                    exposition = httpx.get(server.base_url + "/metrics").text
-                    up = query(prom_url, 'up{job="avatar"}')
-                    stages = query(prom_url, "count(avatar_block_stage_seconds_count) by (stage)")
+                    async with httpx.AsyncClient(timeout=5) as http:
+                        exposition = (await http.get(server.base_url + "/metrics")).text
+                    up = await query(prom_url, 'up{job="avatar"}')
+                    stages = await query(prom_url, "count(avatar_block_stage_seconds_count) by (stage)")
                     await c.stop()
                     return active, up, stages, exposition
 

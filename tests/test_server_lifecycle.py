@@ -37,8 +37,8 @@ def test_random_weights_100_open_close_cycles_leak_nothing(tmp_path):
             for i in range(1, cycles + 1):
                 async with AvatarClient(server.base_url) as c:
                     await c.start(avatar)
-                    while not c.received.video_times:  # connected, the engine session open, media flowing
-                        await asyncio.sleep(0.02)
+                    async with asyncio.timeout(60):  # connected, the engine session open, media flowing
+                        await c.first_video()
                     await c.stop()
                 if i in (1, 10, cycles):
                     await wait_metric_refresh()
@@ -87,8 +87,8 @@ def test_sigterm_drains_then_ends_live_sessions_and_exits_cleanly(tmp_path):
             c = AvatarClient(server.base_url)
             avatar = await c.upload_avatar((MEDIA_DIR / "rumi.jpg").read_bytes())
             await c.start(avatar, media=MEDIA_DIR / "user.mp4")
-            while not c.received.video_times:
-                await asyncio.sleep(0.05)
+            async with asyncio.timeout(60):
+                await c.first_video()
             t0 = time.monotonic()
             server.proc.send_signal(signal.SIGTERM)
             await asyncio.sleep(1.0)

@@ -53,14 +53,21 @@ def envelope(pcm: np.ndarray, rate: int, hop_s: float = 0.02) -> np.ndarray:
     return np.sqrt((pcm[: n * hop].reshape(n, hop) ** 2).mean(axis=1))
 
 
-async def wait_live(client: AvatarClient, timeout: float = 15.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        info = await client.info()
-        if info["state"] == "live" and client.received.video_times:
-            return info
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"session not live after {timeout} s: {info}")
+WAIT_LIVE_S = 15.0
+
+
+async def wait_live(client: AvatarClient) -> dict:
+    """Poll the session's state on the server until it is live and video arrives; at most WAIT_LIVE_S."""
+    info: dict = {}
+    try:
+        async with asyncio.timeout(WAIT_LIVE_S):
+            while True:
+                info = await client.info()
+                if info["state"] == "live" and client.received.video_times:
+                    return info
+                await asyncio.sleep(0.2)
+    except TimeoutError:
+        raise AssertionError(f"session not live after {WAIT_LIVE_S} s: {info}") from None
 
 
 def test_random_weights_session_streams_video_and_audio_at_full_rate(server, avatar_id):
@@ -167,8 +174,8 @@ def test_random_weights_over_capacity_is_503_and_others_keep_running(server, ava
                 await wait_live(c)
             with pytest.raises(ApiError) as refused:
                 await extra.start(avatar_id)
-            retry_after = (await extra.http.post("/v1/sessions", json={
-                "sdp": extra.pc.localDescription.sdp, "type": "offer", "avatar_id": avatar_id})).headers.get("retry-after")
+            offer = {"sdp": extra.pc.localDescription.sdp, "type": "offer", "avatar_id": avatar_id}
+            retry_after = (await extra.http.post("/v1/sessions", json=offer)).headers.get("retry-after")
             await asyncio.sleep(3)
             return refused.value, retry_after, [c.received.fps(2.5) for c in clients]
         finally:

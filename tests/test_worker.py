@@ -19,7 +19,8 @@ pytestmark = pytest.mark.skipif(FOLDER is None, reason="needs a golden folder fo
 
 
 def test_a_failing_step_drops_its_sessions_tells_their_owners_and_the_worker_goes_on():
-    worker = ModelWorker(lambda: small_model(FOLDER, strong=False), EngineSettings(max_sessions=4, decode=False), ServerMetrics(4), warmup_blocks=1)
+    worker = ModelWorker(lambda: small_model(FOLDER, strong=False), EngineSettings(max_sessions=4, decode=False),
+                         ServerMetrics(4), warmup_blocks=1)
     worker.start()
     try:
         assert worker.ready.wait(120), worker.error

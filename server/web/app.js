@@ -10,6 +10,18 @@
   // a STUN/TURN server that does not answer must not hold the call up for long.
   const ICE_GATHER_TIMEOUT_MS = 2000;
   const STATS_PERIOD_MS = 1000;
+  // A request the server does not answer within this is treated as "server unreachable".
+  const REQUEST_TIMEOUT_MS = 5000;
+  // Failed figures requests in a row (one a second) after which the server counts as gone.
+  const UNREACHABLE_AFTER = 2;
+  // The server's reasons for refusing a new session (503), in words for a person; the server's own
+  // message and code follow them on the page.
+  const REFUSALS = {
+    at_capacity: "The server is full",
+    overloaded: "The server is too busy",
+    draining: "The server is shutting down",
+    not_ready: "The model is not ready yet",
+  };
 
   const $ = (id) => document.getElementById(id);
 
@@ -18,6 +30,7 @@
   const call = {
     state: "idle", // idle, starting, connecting, live, stopping, failed
     error: null,
+    lastSessionId: null, // stays on the page after the conversation ends, for scripts and bug reports
     session: null, // {avatarId, id, pc, stream, remote, timer, polling, prevVideo, client, server}
   };
 
@@ -71,11 +84,18 @@
     } else if (options.body !== undefined) {
       init.body = options.body;
     }
+    // A server that accepts the connection but never answers must not hold the page up either.
+    const abort = new AbortController();
+    init.signal = abort.signal;
+    const timer = setTimeout(() => abort.abort(), options.timeoutMs || REQUEST_TIMEOUT_MS);
     let response;
     try {
       response = await fetch(path, init);
     } catch (err) {
-      throw new ApiError(0, "network", "Cannot reach the server (" + err.message + ").");
+      const why = err.name === "AbortError" ? "no answer within " + (options.timeoutMs || REQUEST_TIMEOUT_MS) / 1000 + " s" : err.message;
+      throw new ApiError(0, "unreachable", "The server is unreachable (" + why + "): it may have stopped or restarted.");
+    } finally {
+      clearTimeout(timer);
     }
     if (!response.ok) throw await apiError(response);
     if (options.blob) return response.blob();
@@ -96,8 +116,11 @@
       // Not JSON (a proxy's page, say): keep the status line.
     }
     if (response.status === 503) {
+      // Say which refusal it was, then the server's own words and code: "full", "busy", "shutting
+      // down" and "still loading" each call for something different from the person.
       const retry = response.headers.get("Retry-After");
-      if (retry) message = "The server is full, retry in " + retry + " s.";
+      const headline = REFUSALS[code] || "The server cannot take a session now";
+      message = headline + " (" + code + "): " + message.replace(/\.?$/, ".") + (retry ? " Retry in " + retry + " s." : "");
     } else if (response.status === 401) {
       message = "This server needs an access token (open \u201cAccess token\u201d below). " + message;
     }
@@ -123,7 +146,8 @@
   function updateButtons() {
     const s = call.session;
     const idle = call.state === "idle" || call.state === "failed";
-    const talking = !!(s && s.id) && (call.state === "connecting" || call.state === "live");
+    // Speech needs a connection that carries the avatar: not while it is still being set up.
+    const talking = !!(s && s.id) && call.state === "live";
     $("start").disabled = !idle || !selectedAvatar();
     $("stop").disabled = idle || call.state === "stopping";
     $("speech-send").disabled = !talking;
@@ -219,7 +243,8 @@
 
   async function openMedia(session) {
     if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
-      throw new Error("This browser offers no camera or microphone here (the page needs https or localhost).");
+      throw new Error(window.isSecureContext ? "This browser offers no camera or microphone."
+        : INSECURE);
     }
     const audio = { echoCancellation: true, noiseSuppression: true };
     const video = { width: { ideal: 640 }, height: { ideal: 480 }, frameRate: { ideal: 25 } };
@@ -298,9 +323,39 @@
       say("call-status", session.note);
     } else if (state === "disconnected") {
       say("call-status", "Connection interrupted, trying to recover\u2026");
+      // Most often the server itself went away: ask it at once rather than wait for ICE to give up.
+      serverReachable().then((ok) => {
+        if (!ok && call.session === session) end(UNREACHABLE);
+      });
     } else if (state === "failed") {
-      end("The media connection failed (no route between this browser and the server: a TURN server may be needed).");
+      serverReachable().then((ok) => {
+        if (call.session !== session) return;
+        end(ok ? "The media connection failed: the server answers, but no media route between this browser "
+          + "and it works (behind NAT or a firewall a TURN server is needed; see README)." : UNREACHABLE);
+      });
     }
+  }
+
+  const UNREACHABLE = "The server is unreachable: it stopped, restarted or the network went down. "
+    + "The conversation has ended; reload the page once the server is back.";
+
+  async function serverReachable() {
+    try {
+      await api("GET", "/healthz", { timeoutMs: 2000 });
+      return true;
+    } catch (err) {
+      return err.httpStatus !== 0; // any HTTP answer means it is there
+    }
+  }
+
+  // An offer without a single ICE candidate can never connect: say so now instead of after the server's
+  // connect timeout. Chromium on a machine whose only address is loopback offers none unless started
+  // with --allow-loopback-in-peer-connection.
+  function checkCandidates(sdp) {
+    if (/^a=candidate:/m.test(sdp)) return;
+    throw new Error("This browser offered no network address for the media (no ICE candidates), so the call "
+      + "cannot connect. On a machine reachable only by loopback, start Chromium with "
+      + "--allow-loopback-in-peer-connection; otherwise check that WebRTC is not blocked by a browser setting.");
   }
 
   async function start(avatarId) {
@@ -312,7 +367,7 @@
     }
     const session = {
       avatarId: avatarId, id: null, pc: null, stream: null, remote: new MediaStream(),
-      timer: null, polling: null, prevVideo: null, client: null, server: null, note: "",
+      timer: null, polling: null, prevVideo: null, client: null, server: null, note: "", unanswered: 0,
     };
     call.session = session;
     call.error = null;
@@ -336,12 +391,14 @@
       await pc.setLocalDescription(await pc.createOffer());
       await iceGatheringDone(pc, ICE_GATHER_TIMEOUT_MS);
       stillMine();
+      checkCandidates(pc.localDescription.sdp);
       setState("connecting");
       say("call-status", "Connecting to the avatar\u2026");
       const answer = await api("POST", "/v1/sessions", {
         json: { sdp: pc.localDescription.sdp, type: "offer", avatar_id: avatarId },
       });
       session.id = answer.session_id;
+      showSessionId(session.id, false);
       stillMine();
       storeSet(AVATAR_KEY, avatarId);
       await pc.setRemoteDescription({ type: answer.type || "answer", sdp: answer.sdp });
@@ -387,9 +444,10 @@
   function end(message) {
     const session = call.session;
     if (!session) return;
+    const id = session.id;
     call.session = null;
     call.error = message;
-    release(session);
+    release(session).then(() => showFinalFigures(id, message === UNREACHABLE ? "unreachable" : "failed"));
     clearVideos();
     say("call-status", message, true);
     setState("failed");
@@ -400,10 +458,59 @@
     if (!session) return;
     setState("stopping");
     call.session = null;
+    const id = session.id;
     await release(session);
     clearVideos();
     say("call-status", "");
     setState("idle");
+    await showFinalFigures(id, "stopped");
+  }
+
+  // After a conversation the figures stay for reading, but must not claim it is still live: show the
+  // server's final answer (it keeps an ended session for a minute), or mark the last one as ended.
+  async function showFinalFigures(id, why) {
+    if (id) showSessionId(id, true);
+    let final = null;
+    if (id && why !== "unreachable") {
+      try {
+        final = await api("GET", "/v1/sessions/" + encodeURIComponent(id), { timeoutMs: 2000 });
+      } catch (_) {
+        // Forgotten or unreachable: fall back to the last figures we have.
+      }
+    }
+    if (call.session) return; // a new conversation started meanwhile: its figures win
+    if (final) {
+      showServerFigures(final);
+      return;
+    }
+    const stateCell = document.querySelector('#server-stats tr[data-key="state"] td');
+    if (stateCell) stateCell.textContent = "ended (" + why + ")";
+    $("call-figures").textContent = "";
+  }
+
+  function showSessionId(id, ended) {
+    call.lastSessionId = id;
+    $("session-id").textContent = id;
+    $("session-line").hidden = false;
+    $("session-ended").hidden = !ended;
+    $("copy-status").textContent = "";
+  }
+
+  async function copySessionId() {
+    const id = $("session-id").textContent;
+    try {
+      await navigator.clipboard.writeText(id);
+    } catch (_) {
+      // No clipboard API (plain http from another machine): select the text so Ctrl-C copies it.
+      const range = document.createRange();
+      range.selectNodeContents($("session-id"));
+      const selection = window.getSelection();
+      selection.removeAllRanges();
+      selection.addRange(range);
+      $("copy-status").textContent = "Selected: press Ctrl-C to copy.";
+      return;
+    }
+    $("copy-status").textContent = "Copied.";
   }
 
   function clearVideos() {
@@ -473,32 +580,86 @@
     return rows;
   }
 
-  // The server's session JSON, flattened ("stats.block_latency_ms"), so fields it adds later just appear.
+  // Names a person can read for the server's session figures; the most telling come first. A figure the
+  // server adds later still appears, named from its key ("video_ticks_skipped" -> "video ticks skipped").
+  const SERVER_LABELS = [
+    ["timings.block_latency_p50_ms", "block latency, median (ms)"],
+    ["timings.block_latency_p99_ms", "block latency, p99 (ms)"],
+    ["stats.late_blocks", "late blocks"],
+    ["stats.queued_speech_seconds", "queued speech (s)"],
+    ["stats.playout_delay_seconds", "playout delay (s)"],
+    ["stats.blocks_generated", "blocks generated"],
+    ["stats.video_frames_sent", "video frames sent"],
+    ["stats.audio_seconds_sent", "audio sent (s)"],
+    ["stats.av_offset_ms", "audio/video offset (ms)"],
+    ["stats.user_video_frames_received", "your video frames received"],
+    ["stats.user_audio_seconds_received", "your audio received (s)"],
+    ["stats.user_audio_late_seconds", "your audio too late to use (s)"],
+  ];
+
+  function humanLabel(key) {
+    const name = key.slice(key.indexOf(".") + 1);
+    const units = [["_seconds", " (s)"], ["_ms", " (ms)"], ["_bps", " (bit/s)"]];
+    for (const [suffix, unit] of units) {
+      if (name.endsWith(suffix)) return name.slice(0, -suffix.length).replace(/_/g, " ") + unit;
+    }
+    return name.replace(/_/g, " ");
+  }
+
+  // The server's session JSON as rows [key, label, value]: the state, then the known figures in their
+  // order, then whatever else it sent.
   function serverRows(info) {
-    const rows = [["state", info.state]];
+    const flat = {};
     function walk(prefix, value) {
       if (value === null || value === undefined) return;
       if (Array.isArray(value)) {
-        if (value.every((x) => typeof x === "number")) rows.push([prefix, value.map(fmt).join(", ")]);
+        if (value.every((x) => typeof x === "number")) flat[prefix] = value.map(fmt).join(", ");
       } else if (typeof value === "object") {
         for (const key of Object.keys(value)) walk(prefix + "." + key, value[key]);
       } else if (["number", "string", "boolean"].includes(typeof value)) {
-        rows.push([prefix, fmt(value)]);
+        flat[prefix] = fmt(value);
       }
     }
     walk("stats", info.stats);
     walk("timings", info.timings);
+    const state = info.state + (info.end_reason ? " (" + info.end_reason + ")" : "");
+    const rows = [["state", "state", state]];
+    for (const [key, label] of SERVER_LABELS) {
+      if (key in flat) rows.push([key, label, flat[key]]);
+    }
+    const known = new Set(SERVER_LABELS.map(([key]) => key));
+    for (const key of Object.keys(flat)) {
+      if (!known.has(key)) rows.push([key, humanLabel(key), flat[key]]);
+    }
     return rows;
+  }
+
+  // The figures that say whether the avatar keeps up, in one line beside the video (the tables are
+  // further down the page).
+  function showServerFigures(info) {
+    showRows("server-stats", serverRows(info));
+    const t = info.timings || {};
+    const st = info.stats || {};
+    const parts = [];
+    if (typeof t.block_latency_p50_ms === "number") {
+      parts.push("block latency " + fmt(t.block_latency_p50_ms) + " ms (p99 " + fmt(t.block_latency_p99_ms) + " ms)");
+    }
+    if (typeof st.late_blocks === "number") parts.push("late blocks " + st.late_blocks);
+    if (typeof st.queued_speech_seconds === "number") parts.push("queued speech " + fmt(st.queued_speech_seconds) + " s");
+    $("call-figures").textContent = parts.length ? "Server: " + parts.join(" \u00b7 ") : "";
   }
 
   function showRows(tbodyId, rows) {
     const body = $(tbodyId);
     const fresh = document.createDocumentFragment();
-    for (const [name, value] of rows) {
+    for (const row of rows) {
+      // Server rows carry their key (kept for tests and scripts); browser rows are [label, value].
+      const [key, label, value] = row.length === 3 ? row : [row[0], row[0], row[1]];
       const tr = document.createElement("tr");
+      tr.dataset.key = key;
       const th = document.createElement("th");
       th.scope = "row";
-      th.textContent = name;
+      th.textContent = label;
       const td = document.createElement("td");
       td.textContent = value;
       tr.append(th, td);
@@ -521,10 +682,15 @@
       if (!session.id || call.session !== session) return;
       try {
         session.server = await api("GET", "/v1/sessions/" + encodeURIComponent(session.id));
+        session.unanswered = 0;
       } catch (err) {
         if (err.httpStatus === 404 && call.session === session) {
           session.id = null; // gone already: nothing to DELETE
           return end("The server ended the session.");
+        }
+        // The figures double as the server's heartbeat: a few unanswered in a row and it is gone.
+        if (err.httpStatus === 0 && call.session === session && ++session.unanswered >= UNREACHABLE_AFTER) {
+          return end(UNREACHABLE);
         }
         throw err;
       }
@@ -533,7 +699,7 @@
         const why = session.server.end_reason;
         return end("The server closed the session" + (why ? " (" + why + ")." : "."));
       }
-      showRows("server-stats", serverRows(session.server));
+      showServerFigures(session.server);
     } catch (err) {
       console.warn("live figures:", err.message);
     }
@@ -571,6 +737,30 @@
     }
   }
 
+  // ---- what this server is ----
+
+  const INSECURE = "This page was opened over plain http from another machine, and browsers give the camera "
+    + "and microphone only to https pages (or localhost). Serve it over https: avatar-forcing serve "
+    + "--tls-cert CERT --tls-key KEY, or a reverse proxy (README, \u201cHTTPS\u201d).";
+
+  // What the person should know before pressing Start: a page that cannot use the camera, a model that
+  // is still loading, a model whose random weights make a meaningless face.
+  async function showServerNotes() {
+    const notes = [];
+    if (!window.isSecureContext) notes.push(INSECURE);
+    try {
+      const ready = await fetch("/readyz").then((r) => r.json());
+      if (ready.status !== "ready") {
+        notes.push("Not ready for a new session (" + ready.reason + "): " + ready.detail.replace(/\.?$/, "."));
+      }
+      if (ready.model && ready.model.note) notes.push(ready.model.note);
+    } catch (_) {
+      notes.push("The server does not answer /readyz.");
+    }
+    $("server-notes").textContent = notes.join("\n");
+    $("server-notes").hidden = notes.length === 0;
+  }
+
   // ---- wiring ----
 
   function init() {
@@ -590,6 +780,7 @@
     $("speech-form").addEventListener("submit", sendWav);
     $("test-phrase").addEventListener("click", () => queueSpeech(undefined, {}, "/speech/test-phrase"));
     $("interrupt").addEventListener("click", interrupt);
+    $("copy-session").addEventListener("click", copySessionId);
     $("unmute").addEventListener("click", () => {
       $("remote").muted = false;
       $("unmute").hidden = true;
@@ -602,6 +793,7 @@
           .catch(() => {});
       }
     });
+    showServerNotes();
     loadAvatars(wanted).then(() => {
       if (params.get("autostart") === "1") start(wanted || undefined).catch(() => {});
     });
@@ -618,6 +810,7 @@
         state: call.state,
         error: call.error,
         sessionId: s ? s.id : null,
+        lastSessionId: call.lastSessionId,
         avatarId: s ? s.avatarId : selectedAvatar() || null,
         connectionState: s && s.pc ? s.pc.connectionState : null,
         iceConnectionState: s && s.pc ? s.pc.iceConnectionState : null,
