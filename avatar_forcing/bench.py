@@ -27,7 +27,7 @@ from avatar_forcing.stats import percentile
 from .model.avatar_forcing import AvatarForcing, build_model
 from .model.config import config_from_name
 from .model.device import pick_device
-from .model.engine import STAGES, EngineSettings, StreamingEngine, batch_buckets
+from .model.engine import STAGES, EngineSettings, LiveInputs, StreamingEngine, batch_buckets
 
 
 @dataclass
@@ -66,8 +66,9 @@ def media_inputs(model: AvatarForcing, folder: Path, seconds: float) -> BenchInp
         crops.append(tracker.crop(frame))
         if len(crops) >= seconds * cfg.fps:
             break
-    return BenchInputs(portrait_crop(portrait_path, size, True), load_audio(folder / "avatar.wav", sr)[: int(seconds * sr)],
-                       load_audio(folder / "user.mp4", sr)[: int(seconds * sr)], np.stack(crops))
+    samples = int(seconds * sr)
+    return BenchInputs(portrait_crop(portrait_path, size, True), load_audio(folder / "avatar.wav", sr)[:samples],
+                       load_audio(folder / "user.mp4", sr)[:samples], np.stack(crops))
 
 
 @dataclass
@@ -83,9 +84,23 @@ class RunStats:
         return self.frames_per_session / fps / self.wall
 
 
+def make_engine(model: AvatarForcing, max_sessions: int, batching: bool = True, decode: bool = True,
+                precision: str = "float32", upstream_steps: bool = False, compile: bool = False) -> StreamingEngine:
+    """An engine as the server builds it; a compiled one is precompiled for every bucket and phase here, so
+    no timed step pays for compilation."""
+    buckets = batch_buckets(max_sessions) if compile else None
+    engine = StreamingEngine(model, EngineSettings(max_sessions=max_sessions, decode=decode, batching=batching,
+                                                   precision=precision, upstream_steps=upstream_steps,
+                                                   compile=compile, batch_buckets=buckets),
+                             clock=time.perf_counter)
+    if compile:
+        engine.precompile()
+    return engine
+
+
 def run_sessions(model: AvatarForcing, inputs: BenchInputs, sessions: int, blocks: int, batching: bool,
                  decode: bool = True, precision: str = "float32", upstream_steps: bool = False,
-                 compile: bool = False) -> RunStats:
+                 compile: bool = False, engine: StreamingEngine | None = None, profile: bool = False) -> RunStats:
     """Open `sessions` live sessions fed the same media, prime them, then time `blocks` steps.
 
     Every session's inputs are complete before each step (their session clocks start far in the past),
@@ -94,18 +109,18 @@ def run_sessions(model: AvatarForcing, inputs: BenchInputs, sessions: int, block
     the sessions served before it.
     """
     cfg = model.config
-    buckets = batch_buckets(sessions) if compile else None
-    engine = StreamingEngine(model, EngineSettings(max_sessions=sessions, decode=decode, batching=batching,
-                                                   precision=precision, upstream_steps=upstream_steps,
-                                                   compile=compile, batch_buckets=buckets),
-                             clock=time.perf_counter)
+    engine = engine or make_engine(model, sessions, batching, decode, precision, upstream_steps, compile)
+    # Stage times need a device sync around each stage (profiling); step times are measured without.
+    engine.settings.profile_stages = profile
     base = time.perf_counter()
-    opened = []
+    opened: list[LiveInputs] = []
+    ids: list[str] = []
     for i in range(sessions):
-        s = engine.open_session(inputs.portrait, seed=i, now=base - 1e4)  # a session clock far in the past
-        s.inputs.push_speech(inputs.avatar_pcm)  # the application queues the whole utterance
-        s.inputs.push_user_audio(inputs.user_pcm, 0.0)
-        opened.append(s)
+        live = engine.new_live_inputs()
+        ids.append(engine.open_session(inputs.portrait, inputs=live, seed=i, now=base - 1e4).id)  # a past clock
+        live.push_speech(inputs.avatar_pcm)  # the application queues the whole utterance
+        live.push_user_audio(inputs.user_pcm, 0.0)
+        opened.append(live)
     block = cfg.transformer.block_frames
     pushed = 0
 
@@ -113,8 +128,8 @@ def run_sessions(model: AvatarForcing, inputs: BenchInputs, sessions: int, block
         """Webcam frames arrive as a camera sends them: the ones of the next block, before its step."""
         nonlocal pushed
         for j in range(pushed, min(until_frame, len(inputs.user_crops))):
-            for s in opened:
-                s.inputs.push_user_crop(inputs.user_crops[j], j / cfg.fps)
+            for live in opened:
+                live.push_user_crop(inputs.user_crops[j], j / cfg.fps)
         pushed = max(pushed, until_frame)
 
     engine.step()  # priming (the silent lead-in)
@@ -134,8 +149,8 @@ def run_sessions(model: AvatarForcing, inputs: BenchInputs, sessions: int, block
             for k in STAGES:
                 stage[k].append(timings[k])
     wall = time.perf_counter() - t_start
-    for s in opened:
-        engine.close_session(s.id)
+    for sid in ids:
+        engine.close_session(sid)
     return RunStats(latency, stage, step_wall, blocks * cfg.transformer.block_frames, wall)
 
 
@@ -225,7 +240,8 @@ def measure_drift(model: AvatarForcing, inputs: BenchInputs, seconds: float, anc
     cfg = model.config
     settings = EngineSettings(max_sessions=1, decode=False, pose_anchor=PoseAnchorSettings() if anchor else None)
     engine = StreamingEngine(model, settings)
-    session = engine.open_session(inputs.portrait, seed=seed, now=0.0)
+    live = engine.new_live_inputs()
+    session = engine.open_session(inputs.portrait, inputs=live, seed=seed, now=0.0)
     r_s = session.portrait.r_s[0]
     block = cfg.transformer.block_frames
     clip = len(inputs.user_crops)
@@ -234,11 +250,11 @@ def measure_drift(model: AvatarForcing, inputs: BenchInputs, seconds: float, anc
         t = b * block / cfg.fps
         span = slice((b * block) % clip, (b * block) % clip + block)
         pcm = slice(span.start * cfg.audio.samples_per_frame, span.stop * cfg.audio.samples_per_frame)
-        session.inputs.push_user_audio(inputs.user_pcm[pcm], t)
-        if session.inputs.queued_speech_frames() < block:
-            session.inputs.push_speech(inputs.avatar_pcm[pcm])
+        live.push_user_audio(inputs.user_pcm[pcm], t)
+        if live.queued_speech_frames() < block:
+            live.push_speech(inputs.avatar_pcm[pcm])
         for j, crop in enumerate(inputs.user_crops[span]):
-            session.inputs.push_user_crop(crop, t + j / cfg.fps)
+            live.push_user_crop(crop, t + j / cfg.fps)
         (out,) = engine.step(now=t + 1.0)  # past the late-input wait: exactly this block is due
         yield t, float((out.latents.mean(0) - r_s).norm() / r_s.norm())
 
@@ -253,8 +269,8 @@ def run_bench_drift(args) -> int:
     every = max(1, len(runs[False]) // 12)
     for i in range(0, len(runs[False]), every):
         window = slice(max(0, i - every + 1), i + 1)
-        mean = lambda rows: statistics.fmean(d for _, d in rows[window])  # noqa: E731
-        print(f"{runs[False][i][0]:>7.0f}s{mean(runs[False]):>12.3f}{mean(runs[True]):>10.3f}")
+        plain, anchored = (statistics.fmean(d for _, d in runs[a][window]) for a in (False, True))
+        print(f"{runs[False][i][0]:>7.0f}s{plain:>12.3f}{anchored:>10.3f}")
     return 0
 
 
@@ -293,29 +309,38 @@ def run_bench_gpu(args) -> int:
     precision = args.precision or ("bfloat16" if device.type == "cuda" else "float32")
     _header(args, model)
 
-    run_sessions(model, inputs, 2, 3, batching=True, precision=precision, compile=args.compile)  # warm-up
+    # One engine for the whole sweep, as in the server (a compiled one is precompiled here, untimed).
+    t0 = time.perf_counter()
+    engine = make_engine(model, args.max_sessions, precision=precision, compile=args.compile)
+    print(f"engine ready in {time.perf_counter() - t0:.1f} s{' (precompiled every bucket)' if args.compile else ''}",
+          flush=True)
+    run_sessions(model, inputs, 2, 3, batching=True, engine=engine)  # warm-up
     with reference_kernels():
         baseline = run_sessions(model, inputs, 1, args.blocks, batching=False, precision="float32",
-                                upstream_steps=True)
-    fast = run_sessions(model, inputs, 1, args.blocks, batching=True, precision=precision, compile=args.compile)
+                                upstream_steps=True, profile=True)
+    fast = run_sessions(model, inputs, 1, args.blocks, batching=True, engine=engine, profile=True)
+    fast_unprofiled = run_sessions(model, inputs, 1, args.blocks, batching=True, engine=engine)
 
     sweep = []
-    for n in [c for c in SWEEP_COUNTS if c <= args.max_sessions]:
+    counts = sorted({int(n) for n in args.sessions}) if args.sessions else SWEEP_COUNTS
+    for n in [c for c in counts if c <= args.max_sessions]:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
             base_mem = torch.cuda.memory_allocated(device)
-        stats = run_sessions(model, inputs, n, args.blocks, batching=True, precision=precision, compile=args.compile)
+        stats = run_sessions(model, inputs, n, args.blocks, batching=True, engine=engine)
         peak = (torch.cuda.max_memory_allocated(device) - base_mem) if device.type == "cuda" else float("nan")
         p99 = percentile(stats.block_latency, 99)
-        sweep.append((n, percentile(stats.block_latency, 50), p99, peak / n / 2**20))
+        # Activations per session, plus the session's share of the KV pool (allocated once, up front).
+        per_session = peak / n + engine.pool.nbytes() / engine.pool.capacity
+        sweep.append((n, percentile(stats.block_latency, 50), p99, per_session / 2**20))
         print(f"N={n}: block p50 {1000 * sweep[-1][1]:.1f} ms, p99 {1000 * p99:.1f} ms", flush=True)
         if p99 > block_s:
             break
     held = max((n for n, _, p99, _ in sweep if p99 <= block_s), default=0)
 
-    fast_p50, base_p50 = percentile(fast.step_wall, 50), percentile(baseline.step_wall, 50)
-    compute_p99 = percentile(fast.block_latency, 99)
+    fast_p50, base_p50 = percentile(fast_unprofiled.step_wall, 50), percentile(baseline.step_wall, 50)
+    compute_p99 = percentile(fast_unprofiled.block_latency, 99)
     command = "avatar-forcing " + " ".join(sys.argv[1:])
     lines = [
         f"## {time.strftime('%Y-%m-%d')}: {name}, {cfg.name}",
@@ -329,6 +354,9 @@ def run_bench_gpu(args) -> int:
         "|" + " --- |" * (len(STAGES) + 3),
         stage_row(f"fast ({precision}, fast kernels, batched{', compiled' if args.compile else ''})", fast),
         stage_row("reference way (fp32, reference kernels, one at a time, 9 transformer calls)", baseline),
+        "",
+        f"Stage times were taken with a device sync around each stage; without them, one session's step is "
+        f"{1000 * fast_p50:.1f} ms p50, {1000 * percentile(fast_unprofiled.step_wall, 99):.1f} ms p99.",
         "",
         f"Speed-up of the fast path over the reference way, same run: {base_p50 / fast_p50:.2f}x (step p50).",
         "",
@@ -405,11 +433,14 @@ def run_bench_sampler(args) -> int:
     print(f"\none session, {args.blocks} streaming blocks of {model.config.transformer.block_frames} frames "
           f"({block_s * 1000:.0f} ms of video each)")
     print(f"{'stage':<16}{'mean ms':>10}{'p50 ms':>10}{'p99 ms':>10}")
+
+    def row(label: str, v: list[float]) -> str:
+        mean, p50, p99 = 1000 * statistics.fmean(v), 1000 * percentile(v, 50), 1000 * percentile(v, 99)
+        return f"{label:<16}{mean:>10.1f}{p50:>10.1f}{p99:>10.1f}"
+
     for k in STAGES:
-        v = stats.stage[k]
-        print(f"{k:<16}{1000 * statistics.fmean(v):>10.1f}{1000 * percentile(v, 50):>10.1f}{1000 * percentile(v, 99):>10.1f}")
-    v = stats.step_wall
-    print(f"{'block total':<16}{1000 * statistics.fmean(v):>10.1f}{1000 * percentile(v, 50):>10.1f}{1000 * percentile(v, 99):>10.1f}")
+        print(row(k, stats.stage[k]))
+    print(row("block total", stats.step_wall))
     print(f"real-time factor {stats.rtf(model.config.fps):.2f}x (>= 1 keeps up)")
     return 0
 
@@ -429,11 +460,12 @@ def run_bench_engine(args) -> int:
         for batching in (True, False):
             stats = run_sessions(model, inputs, n, args.blocks, batching, decode=not args.no_decode)
             results[(n, batching)] = stats
-            per_stage = "".join(f"{1000 * percentile(stats.stage[k], 50):>7.1f}/{1000 * percentile(stats.stage[k], 99):<6.1f}"
-                                for k in STAGES)
+            per_stage = "".join(
+                f"{1000 * percentile(stats.stage[k], 50):>7.1f}/{1000 * percentile(stats.stage[k], 99):<6.1f}"
+                for k in STAGES)
             ok = percentile(stats.block_latency, 99) <= deadline
-            print(f"{n:>4} {'batched' if batching else 'one-by-one':<10}{per_stage}"
-                  f"{1000 * percentile(stats.block_latency, 50):>9.1f}ms{1000 * percentile(stats.block_latency, 99):>9.1f}ms"
+            p50, p99 = (1000 * percentile(stats.block_latency, q) for q in (50, 99))
+            print(f"{n:>4} {'batched' if batching else 'one-by-one':<10}{per_stage}{p50:>9.1f}ms{p99:>9.1f}ms"
                   f"{stats.rtf(model.config.fps):>9.2f}x{'yes' if ok else 'NO':>9}")
     print("(stage columns: p50/p99 ms per step; a batched step serves all N sessions at once)")
     for batching in (True, False):
@@ -469,6 +501,7 @@ def add_bench_command(subparsers) -> None:
     gpu = sub.add_parser("gpu", help="the GPU numbers of benchmarks/RESULTS.md (fast vs reference way, sweep)")
     common(gpu)
     gpu.add_argument("--max-sessions", type=int, default=64)
+    gpu.add_argument("--sessions", nargs="+", help="session counts of the sweep (default: 1 2 4 8 ... up to the max)")
     gpu.add_argument("--precision", choices=("float32", "bfloat16"), help="default: bfloat16 on a GPU")
     gpu.add_argument("--target-latency", type=float, default=0.7, help="the server's target_latency_s")
     gpu.add_argument("--compile", action="store_true", help="compiled transformer (CUDA graphs per bucket)")

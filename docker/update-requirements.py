@@ -60,7 +60,7 @@ def closure(roots: list[Requirement]) -> dict[str, str]:
         try:
             dist = distribution(req.name)
         except PackageNotFoundError:
-            raise SystemExit(f"{req.name} is not installed here; install the project first (make install)")
+            raise SystemExit(f"{req.name} is not installed here; install the project first (make install)") from None
         pinned[name] = dist.version
         for raw in dist.requires or []:
             sub = Requirement(raw)

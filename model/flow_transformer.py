@@ -97,7 +97,8 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         freq = timestep_sinusoid(t, self.frequency_embedding_size, self.max_period)
-        return self.mlp(freq.to(self.mlp[0].weight.dtype))
+        first: nn.Linear = self.mlp[0]  # type: ignore[assignment]  # nn.Sequential indexes as Module
+        return self.mlp(freq.to(first.weight.dtype))
 
 
 class InputEmbedder(nn.Module):
@@ -203,6 +204,11 @@ class FinalLayer(nn.Module):
 
 class FlowTransformer(nn.Module):
     """Predicts the flow-matching velocity v = noise - x0 for every frame token."""
+
+    # Registered buffers (declared for the type checker).
+    block_bidir_causal_lookahead_mask: torch.Tensor  # [clip, clip] priming self-attention mask
+    alignment_mask: torch.Tensor  # [clip, clip] priming cross-attention mask
+    rope: torch.Tensor  # [positions, head_dim / 2, 2] rotations as real pairs
 
     def __init__(self, cfg: FlowTransformerConfig):
         super().__init__()

@@ -60,10 +60,19 @@ class Direction(nn.Module):
     def __init__(self, cfg: MotionAutoencoderConfig):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(cfg.style_dim, cfg.motion_dim))
+        # Inference computes the same Q on every encode; keep it while the weight is unchanged (its
+        # version counter and storage identify it). Training (autograd on) always recomputes.
+        self._basis_cache: tuple[tuple[int, int, torch.device], torch.Tensor] | None = None
 
     def basis(self) -> torch.Tensor:
+        cacheable = torch.is_inference_mode_enabled()
+        key = (self.weight._version, self.weight.data_ptr(), self.weight.device)
+        if cacheable and self._basis_cache is not None and self._basis_cache[0] == key:
+            return self._basis_cache[1]
         # QR is computed in fp32 whatever the autocast state: it is tiny and sensitive.
         q, _ = torch.linalg.qr(self.weight.float() + 1e-8)
+        if cacheable:
+            self._basis_cache = (key, q)
         return q
 
     def forward(self, magnitudes: torch.Tensor) -> torch.Tensor:
@@ -107,6 +116,8 @@ def identity_grid(size: int) -> torch.Tensor:
 
 class ToFlow(nn.Module):
     """Predicts a warp grid and a blend mask; warps the portrait's feature map of this level."""
+
+    grid: torch.Tensor  # registered buffer: the identity sampling grid of this level
 
     def __init__(self, in_channels: int, style_dim: int, resolution: int, blur_taps):
         super().__init__()
@@ -175,7 +186,8 @@ class Synthesis(nn.Module):
         if batch % feats[0].shape[0]:
             raise ValueError(f"{batch} frames cannot be split evenly over {feats[0].shape[0]} portraits")
         out = self.conv1(self.input(batch).to(latent.dtype), latent)
-        rgb = flow_logits = flow = None
+        rgb: torch.Tensor | None = None
+        flow_logits = flow = None
         for level, (to_rgb, to_flow) in enumerate(zip(self.to_rgbs, self.to_flows, strict=True)):
             out = self.convs[2 * level](out, latent)
             out = self.convs[2 * level + 1](out, latent)
@@ -183,6 +195,8 @@ class Synthesis(nn.Module):
             rgb = to_rgb(warped, rgb)
             if out.shape[-1] == self.flow_resolution:
                 flow = grid
+        if rgb is None:
+            raise ValueError("the decoder has no levels: check the motion auto-encoder's channel table")
         return DecodedFrames(rgb, flow)
 
 

@@ -21,7 +21,7 @@ from avatar_forcing.errors import MediaError
 
 from .audio_encoder import normalize_utterance
 from .avatar_forcing import AvatarForcing
-from .engine import BlockOutput, EngineSettings, PrecomputedInputs, StreamingEngine
+from .engine import BlockOutput, EngineSettings, FrameMarker, PrecomputedInputs, StreamingEngine
 from .media.audio import load_audio
 from .media.face import FaceDetector, crop_portrait, default_detector, fixed_crop_box
 from .media.image import load_image, resize_square, to_model_input
@@ -76,7 +76,8 @@ def motion_latents(model: AvatarForcing, crops: Iterable[np.ndarray], num_frames
     frames hold the last one."""
     mae = model.motion_autoencoder
     param = next(model.parameters())
-    latents, batch = [], []
+    latents: list[torch.Tensor] = []
+    batch: list[np.ndarray] = []
 
     def flush() -> None:
         pixels = to_model_input(np.stack(batch)).to(param.device, param.dtype)
@@ -143,11 +144,12 @@ def prepare(model: AvatarForcing, job: OfflineJob, detector: FaceDetector | None
     return PreparedJob(portrait, inputs)
 
 
-def generate_blocks(model: AvatarForcing, prepared: PreparedJob, seed: int,
-                    decode: bool = True) -> Iterator[BlockOutput]:
-    """Run the prepared clip through a one-session engine; yields its blocks in order."""
-    engine = StreamingEngine(model, EngineSettings(max_sessions=1, decode=decode))
-    session = engine.open_session(prepared.portrait, inputs=prepared.inputs, seed=seed)
+def generate_blocks(model: AvatarForcing, prepared: PreparedJob, seed: int, decode: bool = True,
+                    frame_marker: FrameMarker | None = None, session_id: str | None = None) -> Iterator[BlockOutput]:
+    """Run the prepared clip through a one-session engine; yields its blocks in order. `frame_marker` marks
+    the decoded frames on the model's device (it sees `session_id`)."""
+    engine = StreamingEngine(model, EngineSettings(max_sessions=1, decode=decode, frame_marker=frame_marker))
+    session = engine.open_session(prepared.portrait, inputs=prepared.inputs, seed=seed, session_id=session_id)
     try:
         while not session.finished:
             yield from engine.step()

@@ -39,6 +39,10 @@ def upfirdn2d(x: torch.Tensor, kernel: torch.Tensor, up: int = 1, down: int = 1,
 
 
 class Blur(nn.Module):
+    """FIR low-pass filter (StyleGAN2's blur) applied with padding, before or after a strided convolution."""
+
+    kernel: torch.Tensor  # registered buffer
+
     def __init__(self, taps: Sequence[int], pad: tuple[int, int], upsample_factor: int = 1):
         super().__init__()
         self.register_buffer("kernel", make_blur_kernel(taps, gain=upsample_factor**2))
@@ -50,6 +54,8 @@ class Blur(nn.Module):
 
 class Upsample(nn.Module):
     """2x FIR upsampling (the RGB / flow skip path)."""
+
+    kernel: torch.Tensor  # registered buffer
 
     def __init__(self, taps: Sequence[int], factor: int = 2):
         super().__init__()

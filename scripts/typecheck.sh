@@ -6,8 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python="${PYTHON:-.venv/bin/python}"
 tree=build/typecheck
-rm -rf "$tree" && mkdir -p "$tree/avatar_forcing"
-for f in avatar_forcing/*.py; do ln -s "$PWD/$f" "$tree/$f"; done
-for d in model server weights kernels; do ln -s "$PWD/$d" "$tree/avatar_forcing/$d"; done
+scripts/link-tree.sh "$tree"
 cd "$tree"
-exec "$python" -m mypy --config-file "$OLDPWD/pyproject.toml" -p avatar_forcing "$@"
+# The cache stays outside the tree (which link-tree.sh lays anew each run), so a second run is incremental.
+exec "$python" -m mypy --config-file "$OLDPWD/pyproject.toml" --cache-dir "$OLDPWD/build/mypy-cache" \
+    -p avatar_forcing "$@"

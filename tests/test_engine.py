@@ -391,3 +391,30 @@ def test_frame_marker_sees_every_decoded_frame_on_the_device(model):
     outputs = engine.step(now=LATE)
     assert seen == [(["a", "b"], (2, CLIP, size, size, 3), torch.uint8)]
     assert all(np.all(out.frames[:, 0, 0] == 255) for out in outputs)
+
+
+def test_motion_basis_is_computed_once_per_weight_version(model):
+    """The QR basis is cached under inference mode and follows weight updates."""
+    direction = model.motion_autoencoder.dec.direction
+    with torch.inference_mode():
+        first = direction.basis()
+        assert direction.basis() is first
+    with torch.no_grad():
+        direction.weight.mul_(1.0)  # an in-place update bumps the weight's version
+    with torch.inference_mode():
+        again = direction.basis()
+    assert again is not first and torch.equal(again, first)
+    from avatar_forcing.model.motion_autoencoder import Direction
+
+    trainable = Direction(model.config.motion)
+    assert trainable.basis().requires_grad, "training still differentiates through the QR"
+
+
+def test_pixels_normalised_on_the_device_equal_the_host_rule():
+    from avatar_forcing.model.engine.staging import PinnedUploads, normalise_pixels
+    from avatar_forcing.model.media.image import to_model_input
+
+    crops = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    device = torch.device("cpu")
+    on_device = normalise_pixels(PinnedUploads(device)(crops), torch.float32)
+    assert torch.equal(on_device, to_model_input(crops))

@@ -6,6 +6,8 @@ temporary folders.
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import av
 import numpy as np
 import pytest
@@ -486,7 +488,7 @@ def test_tracker_schedule_hold_and_smoothing():
     moving = [step(tracker, img)[0] for _ in range(30)]
     assert counting.calls == 3
     assert 50 < moving[0] < 90 and moving[-1] == 90  # eases over several frames, then settles
-    assert all(b >= a for a, b in zip(moving, moving[1:]))
+    assert all(b >= a for a, b in pairwise(moving))
     for _ in range(60):
         tracker.crop(img)  # the face is lost from call 4 on: redetect every 10 frames, hold the box
     assert not tracker.face_visible and tracker.face_seen

@@ -186,7 +186,7 @@ def check_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], *,
     """
     targets = model.state_dict(keep_vars=True)
     report = LoadReport(ignored=list(ignored))
-    for name, target in targets.items():
+    for name in targets:
         if prefixes is not None and not name.startswith(prefixes):
             continue
         if name in state_dict:

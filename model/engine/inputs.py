@@ -150,7 +150,7 @@ class LiveInputs:
 
     def __init__(self, settings: LiveSettings, detector: FaceDetector | None = None):
         self.s = settings
-        self._speech_lock = threading.Lock()
+        self._speech_lock = threading.RLock()  # reentrant: subclasses extend skip() under it
         self._speech_resampler: StreamingResampler | None = None
         self._mic_resampler: StreamingResampler | None = None
         self.tracker = FaceTracker(detector or FaceDetector(), size=settings.frame_size)

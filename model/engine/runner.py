@@ -18,10 +18,11 @@ import torch
 
 from ..avatar_forcing import AvatarForcing
 from ..flow_transformer import LayerKV
-from ..media.image import to_model_input, to_uint8_tensor
+from ..media.image import to_uint8_tensor
 from ..motion_autoencoder import PortraitCode
 from ..sampler import Conditions, GuidedSampler, pad_branch_rows, pad_rows, repeat_branches, unpad_branch_rows
 from .inputs import BlockRequest, LiveRequest, LiveWindows
+from .staging import PinnedUploads, normalise_pixels
 
 STAGES = ("audio_features", "user_motion", "transformer", "cache_update", "decode")
 
@@ -80,6 +81,9 @@ class BlockRunner:
         self.decode_chunk = decode_chunk
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        # uint8 crops and float32 audio go up through pinned buffers; pixels are normalised on the device.
+        self.upload_pixels = PinnedUploads(self.device)
+        self.upload_audio = PinnedUploads(self.device)
 
     # -- conditions ---------------------------------------------------------------------------------------
 
@@ -109,7 +113,7 @@ class BlockRunner:
     def _audio_features(self, requests: list[LiveRequest]) -> tuple[torch.Tensor, torch.Tensor]:
         """Both tracks of every live row through wav2vec2 in one call."""
         windows = [r.windows.avatar_pcm for r in requests] + [r.windows.user_pcm for r in requests]
-        wave = torch.from_numpy(np.stack(windows)).to(self.device, self.dtype)
+        wave = self.upload_audio(np.stack(windows)).to(self.dtype)
         num_frames = wave.shape[1] // self.samples_per_frame
         feats = self.model.audio_encoder(wave, num_frames)
         b = len(requests)
@@ -127,7 +131,7 @@ class BlockRunner:
         mae = self.model.motion_autoencoder
         for i in range(0, len(todo), self.motion_chunk):
             chunk = todo[i:i + self.motion_chunk]
-            pixels = to_model_input(np.stack([image for _, _, image in chunk])).to(self.device, self.dtype)
+            pixels = normalise_pixels(self.upload_pixels(np.stack([image for _, _, image in chunk])), self.dtype)
             for (row, fid, _), encoded in zip(chunk, mae.encode_motion(pixels), strict=True):
                 learned[row][fid] = encoded
         zero = torch.zeros(self.cfg.dim_w, device=self.device, dtype=self.dtype)

@@ -15,9 +15,15 @@ from .inputs import SessionInputs
 
 
 def generator_noise(seed: int, device: torch.device | str, dtype: torch.dtype = torch.float32) -> NoiseFn:
-    """Noise from the session's own CPU generator (identical on every device), so a run replays exactly."""
-    gen = torch.Generator().manual_seed(seed)
-    return lambda shape: torch.randn(shape, generator=gen).to(device, dtype)
+    """Noise from the session's own generator, so a run replays exactly. On a CPU it is the reference's
+    stream (torch.manual_seed(seed) then randn); on a GPU the generator lives on the device, so noise is
+    drawn there without a host round trip per block (a different, equally reproducible stream)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        gen = torch.Generator().manual_seed(seed)
+        return lambda shape: torch.randn(shape, generator=gen).to(dtype)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return lambda shape: torch.randn(shape, generator=gen, device=device, dtype=dtype)
 
 
 @dataclass

@@ -4,24 +4,26 @@ Every function here raises `avatar_forcing.errors.MediaError` for bad input (mis
 decodable, empty, no face), so callers can show the message to the user as it is.
 """
 
-from avatar_forcing.model.media.audio import (
-    StreamingResampler,
-    float_to_pcm16,
-    load_audio,
-    pcm16_to_float,
-    read_wav_bytes,
-)
-from avatar_forcing.model.media.face import (
-    Box,
-    FaceDetector,
-    FaceTracker,
-    crop_portrait,
-    crop_video_fixed,
-    fixed_crop_box,
-    square_crop_box,
-)
-from avatar_forcing.model.media.image import load_image, resize_square, to_model_input, to_uint8
-from avatar_forcing.model.media.video import Mp4Writer, VideoInfo, iter_video_frames, probe_video, read_video_frames
+import importlib
+from typing import Any
+
+# Names re-exported from the submodules, imported on first use: importing one submodule (the engine uses
+# audio and face) must not pull in PyAV's video stack (absent on the GPU check's machine).
+_HOME = {
+    **dict.fromkeys(("StreamingResampler", "float_to_pcm16", "load_audio", "pcm16_to_float", "read_wav_bytes"),
+                    "audio"),
+    **dict.fromkeys(("Box", "FaceDetector", "FaceTracker", "crop_portrait", "crop_video_fixed", "fixed_crop_box",
+                     "square_crop_box"), "face"),
+    **dict.fromkeys(("load_image", "resize_square", "to_model_input", "to_uint8"), "image"),
+    **dict.fromkeys(("Mp4Writer", "VideoInfo", "iter_video_frames", "probe_video", "read_video_frames"), "video"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
+
 
 __all__ = [
     "Box",

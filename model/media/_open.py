@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-
-import av
+from typing import TYPE_CHECKING
 
 from avatar_forcing.errors import MediaError
+
+if TYPE_CHECKING:  # imported where used (see audio.py)
+    import av
 
 
 def check_input_file(path: str | os.PathLike, what: str) -> Path:
@@ -24,6 +26,8 @@ def check_input_file(path: str | os.PathLike, what: str) -> Path:
 
 def open_input(path: str | os.PathLike, what: str) -> av.container.InputContainer:
     """Open a media file for reading; a file FFmpeg cannot parse becomes a MediaError."""
+    import av
+
     p = check_input_file(path, what)
     try:
         return av.open(str(p), mode="r")

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import os
 import struct
+from typing import TYPE_CHECKING
 
-import av
 import numpy as np
 
 from avatar_forcing.errors import MediaError
 from avatar_forcing.model.media._open import open_input
+
+if TYPE_CHECKING:  # PyAV is imported where it is used: the engine and the GPU check run without it
+    import av
 
 # Full scale of each integer sample format, so that integer PCM maps to [-1, 1).
 _INT_FULL_SCALE = {"s16": 32768.0, "s32": 2147483648.0}
@@ -63,6 +66,8 @@ def _trim_to_declared_length(audio: np.ndarray, declared_s: float | None, sample
 
 def load_audio(path: str | os.PathLike, sample_rate: int = 16000) -> np.ndarray:
     """Decode the first audio stream of any file PyAV reads -> float32 mono at `sample_rate`, in [-1, 1]."""
+    import av
+
     container = open_input(path, "audio")
     try:
         if not container.streams.audio:
@@ -131,6 +136,8 @@ class StreamingResampler:
     def _new_resampler(self) -> av.AudioResampler | None:
         if self._identity:
             return None
+        import av
+
         return av.AudioResampler(format="flt", layout="mono", rate=self.out_rate)
 
     @staticmethod
@@ -142,17 +149,20 @@ class StreamingResampler:
     def push(self, pcm: np.ndarray) -> np.ndarray:
         """Feed one chunk; returns the resampled samples ready so far (may lag by the filter's delay)."""
         x = _as_float_mono(pcm)
-        if self._identity:
+        resampler = self._resampler
+        if resampler is None:  # same rate in and out
             return x.copy()
         if x.size == 0:
             return np.zeros(0, np.float32)
+        import av
+
         frame = av.AudioFrame.from_ndarray(x[None, :], format="flt", layout="mono")
         frame.sample_rate = self.in_rate
-        return self._collect(self._resampler.resample(frame))
+        return self._collect(resampler.resample(frame))
 
     def flush(self) -> np.ndarray:
         """Drain the samples still held in the filter; the resampler can then start a new stream."""
-        if self._identity:
+        if self._resampler is None:  # same rate in and out: nothing held
             return np.zeros(0, np.float32)
         out = self._collect(self._resampler.resample(None))
         # A flushed filter graph accepts no more input: start afresh for the next stream.

@@ -115,9 +115,10 @@ class FaceDetector:
                 minNeighbors=self.min_neighbors,
                 minSize=(min_side, min_side),
             )
+        rects_xywh, counts = np.asarray(rects).reshape(-1, 4), np.asarray(neighbours).reshape(-1)
         boxes = [
             Box(float(x / scale), float(y / scale), float((x + bw) / scale), float((y + bh) / scale), float(n))
-            for (x, y, bw, bh), n in zip(np.asarray(rects).reshape(-1, 4), np.asarray(neighbours).reshape(-1), strict=True)
+            for (x, y, bw, bh), n in zip(rects_xywh, counts, strict=True)
         ]
         boxes.sort(key=lambda b: (b.width * b.height, b.score), reverse=True)
         return boxes
@@ -218,11 +219,8 @@ class FaceTracker:
         self._smooth: np.ndarray | None = None  # eased face: centre x, centre y, side
         self._shape: tuple[int, int] | None = None
 
-    def _detection_due(self) -> bool:
-        if self._frames_since_detect is None:
-            return True
-        interval = self.redetect_every if self.face_visible else self.lost_redetect_every
-        return self._frames_since_detect >= interval
+    def _redetect_interval(self) -> int:
+        return self.redetect_every if self.face_visible else self.lost_redetect_every
 
     def _pick(self, boxes: list[Box]) -> Box:
         """Stay on the same person: among faces at least half the largest, the one nearest the last box."""
@@ -235,7 +233,6 @@ class FaceTracker:
 
     def _detect(self, rgb: np.ndarray) -> None:
         boxes = self.detector.detect(rgb)
-        self._frames_since_detect = 0
         self.face_visible = bool(boxes)
         if not boxes:
             return  # hold the last good target
@@ -251,9 +248,11 @@ class FaceTracker:
         if self._shape != (h, w):
             self.reset()
             self._shape = (h, w)
-        if self._detection_due():
+        since = self._frames_since_detect
+        if since is None or since >= self._redetect_interval():  # never detected since reset, or due again
             self._detect(rgb)
-        self._frames_since_detect += 1
+            since = 0
+        self._frames_since_detect = since + 1
         if self._smooth is None:
             self.crop_box = _centre_square(w, h)
         else:

@@ -85,7 +85,7 @@ def iter_video_frames(path: str | os.PathLike, fps: float = 25.0) -> Iterator[np
 
 def _upright_rgb(frame: av.VideoFrame) -> np.ndarray:
     """RGB pixels as they should be shown: phone videos store a display rotation beside the pixels."""
-    rgb = frame.to_ndarray(format="rgb24")
+    rgb: np.ndarray = frame.to_ndarray(format="rgb24")
     quarter_turns = round(frame.rotation / 90) % 4  # counter-clockwise, like np.rot90
     if quarter_turns:
         rgb = np.ascontiguousarray(np.rot90(rgb, k=quarter_turns))
@@ -102,13 +102,13 @@ def _constant_rate_frames(container, stream, rate: Fraction, path) -> Iterator[n
         last_t: Fraction | None = None
         last_duration = default_step
         current: av.VideoFrame | None = None  # the frame that fills the slots from `next_slot` on
-        current_rgb: np.ndarray | None = None
+        current_rgb: np.ndarray | None = None  # its pixels, once converted
         next_slot = 0
 
-        def emit_current() -> np.ndarray:
+        def emit_current(frame: av.VideoFrame) -> np.ndarray:
             nonlocal current_rgb
             if current_rgb is None:
-                current_rgb = _upright_rgb(current)
+                current_rgb = _upright_rgb(frame)
                 return current_rgb
             return current_rgb.copy()  # a repeated frame: give each caller its own array
 
@@ -125,7 +125,7 @@ def _constant_rate_frames(container, stream, rate: Fraction, path) -> Iterator[n
                 last_t = t
                 slot = round((t - t0) * rate)
                 while current is not None and next_slot < slot:
-                    yield emit_current()
+                    yield emit_current(current)
                     next_slot += 1
                 current, current_rgb = frame, None
         except av.FFmpegError as e:
@@ -133,12 +133,12 @@ def _constant_rate_frames(container, stream, rate: Fraction, path) -> Iterator[n
                 f"could not decode the video of {path} ({e}): the file is damaged; re-export it"
             ) from e
 
-        if current is None:
+        if current is None or last_t is None or t0 is None:  # a decoded frame sets all three
             raise MediaError(f"{path} contains no video frames: record or export a non-empty video")
         # The last frame lasts as long as the gap before it; the clip ends there.
         end_slot = max(round((last_t - t0 + last_duration) * rate), next_slot + 1)
         while next_slot < end_slot:
-            yield emit_current()
+            yield emit_current(current)
             next_slot += 1
     finally:
         container.close()
@@ -237,7 +237,7 @@ class Mp4Writer:
     def write_audio(self, pcm: np.ndarray) -> None:
         """Append float32 mono samples at `audio_rate`."""
         self._check_open()
-        if self._audio is None:
+        if self._audio is None or self.audio_rate is None:  # both are set together, in _add_streams
             raise ValueError("this Mp4Writer was opened without an audio track (audio_rate=None)")
         x = np.clip(np.nan_to_num(np.asarray(pcm, dtype=np.float32).reshape(-1)), -1.0, 1.0)
         if x.size == 0:
