@@ -1,32 +1,52 @@
-# One-command entry points. Each target creates the virtual environment it needs.
+# One-command entry points. `make serve` installs what serving needs and runs the server; `make test`
+# adds what the tests need (a browser, Prometheus, pytest...) and runs them.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The CPU build of torch that installs from the machine's wheel cache; GPU images pin their own (Dockerfile).
+# torch is pinned; where it comes from is pip's choice: from PyPI on Linux x86-64 that is the CUDA build
+# (several GB; it runs on a CPU too). For a CPU-only machine, a much smaller wheel:
+#   make TORCH_INDEX=https://download.pytorch.org/whl/cpu serve
+# GPU images pin their own (Dockerfile).
 TORCH_SPEC ?= torch==2.13.0
-STAMP := $(VENV)/.installed
+TORCH_INDEX ?=
+SERVE_STAMP := $(VENV)/.installed-serve
+TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: install test serve clean
+.PHONY: install install-test lint test serve clean
 
-$(STAMP): pyproject.toml scripts/install-system-deps.sh
-	./scripts/install-system-deps.sh
+$(SERVE_STAMP): pyproject.toml scripts/install-system-deps.sh
+	./scripts/install-system-deps.sh serve
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip install --quiet -e .
+	touch $(SERVE_STAMP)
+
+$(TEST_STAMP): $(SERVE_STAMP)
+	./scripts/install-system-deps.sh test
 	$(PY) -m pip install --quiet -e ".[test]"
-	touch $(STAMP)
+	touch $(TEST_STAMP)
 
-install: $(STAMP)
+install: $(SERVE_STAMP)
 
-test: install
+install-test: $(TEST_STAMP)
+
+# The lint gates (docs/development.md): ruff, then mypy over the installed namespace; either failing fails
+# `make test` before any test runs.
+lint: install-test
+	$(VENV)/bin/ruff check .
+	PYTHON=$(PY) scripts/typecheck.sh
+
+test: lint
 	PYTHON=$(PY) scripts/run-tests.sh
 
 # The model to serve: AVATAR_FORCING_CONFIG / AVATAR_FORCING_WEIGHTS when set (official weights: see README);
 # otherwise, where the reference golden folder is beside the checkout, its small model with random weights.
+# With neither, `avatar-forcing serve` says in one line what is missing and what to do.
 SMALL ?= ../shared/golden/avatar_forcing_ref_v1
 
 serve: install
 	@if [ -z "$$AVATAR_FORCING_CONFIG$$AVATAR_FORCING_WEIGHTS" ] && [ -f "$(SMALL)/small_config.json" ]; then \
-		echo "make serve: no model configured; serving the small reference model (random weights) from $(SMALL)"; \
+		echo "make serve: no model configured; serving the small test model of $(SMALL): random weights, so a moving, meaningless face (the page and transport work; no real avatar). Official weights: README, \"Official weights\"."; \
 		export AVATAR_FORCING_CONFIG="$(SMALL)" AVATAR_FORCING_WEIGHTS="$(SMALL)/small_weights.safetensors"; \
 	fi; exec $(VENV)/bin/avatar-forcing serve
 

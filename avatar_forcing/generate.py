@@ -7,13 +7,11 @@ import logging
 import time
 from pathlib import Path
 
-from tqdm import tqdm
-
 from .errors import UserError
-from .model.config import config_from_name
-from .model.device import pick_device
-from .model.media.video import Mp4Writer
-from .model.offline import OfflineJob, check_files, generate_blocks, prepare
+from .provenance.offline import add_provenance_arguments
+
+# The model code (torch, transformers, PyAV) is imported in run_generate, not here: the command line
+# registers this command without paying for it (`avatar-forcing --help` stays instant).
 
 log = logging.getLogger("avatar_forcing.generate")
 
@@ -33,20 +31,44 @@ def add_generate_command(subparsers) -> None:
     p.add_argument("--seed", type=int, default=20, help="noise seed (same seed, same video)")
     p.add_argument("--no-crop", action="store_true", help="the portrait is already a square face crop")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_provenance_arguments(p)
     p.set_defaults(func=run_generate)
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from avatar_forcing.weights import hub
     from avatar_forcing.weights.loading import load_model
+
+    from .model.config import config_from_name
+    from .model.device import pick_device
+    from .model.media.face import default_detector
+    from .model.media.video import Mp4Writer, probe_video
+    from .model.offline import OfflineJob, check_files, generate_blocks, portrait_crop, prepare
 
     if args.output.suffix.lower() != ".mp4":
         raise UserError(f"output {args.output} must end in .mp4")
+    if not args.output.parent.is_dir():
+        raise UserError(f"output folder {args.output.parent} does not exist: create it or choose another -o")
     job = OfflineJob(args.avatar_image, args.avatar_audio, args.user_video, args.user_audio,
                      crop_portrait=not args.no_crop, seed=args.seed)
-    check_files(job)  # before the (slow) model load
+    # Everything that can be wrong with the inputs is found before the model loads (minutes with the
+    # official weights): missing files, a portrait without a face, a video that is not one, no weights.
+    check_files(job)
     cfg = config_from_name(args.config)
+    portrait_crop(job.avatar_image, cfg.motion.input_size, job.crop_portrait, default_detector())
+    probe_video(job.user_video)
+    if args.config in ("", "official"):
+        log.info("weights: %s", hub.preflight(args.weights))
+    else:
+        log.warning("the %s configuration with its random weights gives a moving, meaningless face: fine for "
+                    "testing the pipeline, not an avatar (use the official weights for that)", args.config)
     device = pick_device(args.device)
     t0 = time.perf_counter()
+    from .provenance.offline import OfflineProvenance
+
+    provenance = OfflineProvenance(args, cfg.name)
     model = load_model(cfg, args.weights, device=device)
     log.info("model loaded on %s in %.1f s", device, time.perf_counter() - t0)
 
@@ -66,12 +88,19 @@ def run_generate(args: argparse.Namespace) -> int:
     t1 = time.perf_counter()
     with Mp4Writer(args.output, fps=cfg.fps, width=size, height=size, audio_rate=sr) as writer, \
             tqdm(total=prepared.num_frames, desc="generating", unit="frame", disable=args.no_progress) as bar:
-        for block in generate_blocks(model, prepared, seed=args.seed):
+        # Decoded and marked on the model's device: every block has frames.
+        for block in generate_blocks(model, prepared, seed=args.seed, frame_marker=provenance.marker,
+                                     session_id=provenance.run_id):
+            if block.frames is None:
+                raise RuntimeError(f"block {block.index} came without frames: the engine did not decode it")
             writer.write_frames(block.frames)
             writer.write_audio(block.audio)
             bar.update(len(block.frames))
     elapsed = time.perf_counter() - t1
+    provenance.sign(args.output)
     seconds = prepared.num_frames / cfg.fps
-    log.info("wrote %s: %d frames (%.2f s) in %.1f s (%.2fx real time)", args.output, prepared.num_frames,
-             seconds, elapsed, seconds / max(elapsed, 1e-9))
+    speed = seconds / max(elapsed, 1e-9)
+    pace = f"{speed:.2f}x faster than real time" if speed >= 1 else f"{1 / speed:.2f}x slower than real time"
+    log.info("wrote %s: %.2f s of video (%d frames) generated in %.1f s, %s", args.output, seconds,
+             prepared.num_frames, elapsed, pace)
     return 0

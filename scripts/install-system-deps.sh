@@ -1,10 +1,19 @@
 #!/usr/bin/env bash
-# Debian packages the project needs at run or test time. Installs only what is missing (needs root then).
+# Debian packages the project needs, for serving or for testing. Installs only what is missing (needs root
+# then). Usage: scripts/install-system-deps.sh [serve|test]   (default: test, which includes serve's)
 set -euo pipefail
 
-# chromium + chromium-driver: the browser test; prometheus: promtool and a real scrape in tests;
-# iproute2: private network namespaces for WebRTC tests; espeak-ng: the built-in test phrase.
-REQUIRED=(chromium chromium-driver prometheus iproute2 espeak-ng)
+# serve: espeak-ng speaks the page's built-in test phrase (without it, a synthetic vowel sequence).
+SERVE=(espeak-ng)
+# test: chromium + chromium-driver drive the real page; prometheus brings promtool and a real scrape;
+# iproute2 makes the private network namespaces the WebRTC tests run in.
+TEST=(chromium chromium-driver prometheus iproute2)
+
+case "${1:-test}" in
+    serve) REQUIRED=("${SERVE[@]}") ;;
+    test) REQUIRED=("${SERVE[@]}" "${TEST[@]}") ;;
+    *) echo "usage: $0 [serve|test]" >&2; exit 2 ;;
+esac
 
 missing=()
 for pkg in "${REQUIRED[@]}"; do

@@ -1,5 +1,9 @@
 """A real browser against a real server: the page at / opens a WebRTC conversation with Chromium's fake
-camera and microphone playing ../shared/media/user.mp4, receives the avatar at 25 fps, and stops it.
+camera and microphone playing ../shared/media/user.mp4, receives the avatar at 25 fps, and stops it; and
+the page says what happened when things go wrong: each of the server's refusals in its own words, a
+server that goes away mid-session, a browser that offers no network address for the media.
+
+Screenshots of those pages land in $AVATAR_FORCING_SCREENSHOTS (default /tmp/screens).
 
 Needs Debian's chromium and chromium-driver, the shared media and golden folders, and a loopback address
 other than 127.0.0.1 (ICE ignores 127.0.0.1), that is, running inside a private network namespace:
@@ -12,9 +16,12 @@ Each missing piece skips the tests with its reason.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 import wave
 from pathlib import Path
+from types import SimpleNamespace
 
 import av
 import httpx
@@ -37,6 +44,8 @@ CHROME_ARGS = [
 FPS = 25
 CLIP_SECONDS = 5  # the browser loops the clip
 AVATAR_SIZE = 128  # the small reference configuration
+WINDOW = (1280, 1000)  # a laptop screen: what must be visible without scrolling is checked against it
+SCREENS = Path(os.environ.get("AVATAR_FORCING_SCREENSHOTS", "/tmp/screens"))
 
 
 def _golden_folder() -> Path | None:
@@ -129,7 +138,8 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with running_server(tmp_path_factory.mktemp("server")) as process:
+    # One slot: a second tab meets the server's real at_capacity refusal.
+    with running_server(tmp_path_factory.mktemp("server"), max_sessions=1) as process:
         srv = Server(process)
         try:
             yield srv
@@ -137,16 +147,14 @@ def server(tmp_path_factory):
             srv.http.close()
 
 
-@pytest.fixture(scope="module")
-def browser(media, tmp_path_factory):
+def launch_browser(media, home: Path, args=CHROME_ARGS):
     y4m, wav = media
-    home = tmp_path_factory.mktemp("browser_home")
     # The browser writes caches and settings under HOME/XDG dirs: keep them in the test's tmp folder.
     env = dict(os.environ, HOME=str(home), XDG_CACHE_HOME=str(home / "cache"), XDG_CONFIG_HOME=str(home / "config"),
                SE_OFFLINE="true")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for arg in CHROME_ARGS:
+    for arg in args:
         options.add_argument(arg)
     options.add_argument(f"--user-data-dir={home / 'profile'}")
     options.add_argument(f"--use-file-for-fake-video-capture={y4m}")
@@ -164,6 +172,13 @@ def browser(media, tmp_path_factory):
         else:
             os.environ["SE_OFFLINE"] = old_offline
     driver.set_script_timeout(20)
+    driver.set_window_size(*WINDOW)
+    return driver
+
+
+@pytest.fixture(scope="module")
+def browser(media, tmp_path_factory):
+    driver = launch_browser(media, tmp_path_factory.mktemp("browser_home"))
     try:
         yield driver
     finally:
@@ -221,6 +236,10 @@ def test_conversation_through_the_page(server, browser, avatar_id):
     driver.get(f"{server.base}/?avatar={avatar_id}")
     start = driver.find_element(By.ID, "start")
     wait_for("the Start button enabled (portrait list loaded)", start.is_enabled, 10, context=context)
+    # The page says what this server runs: the small test model's random weights make no real avatar.
+    notes = driver.find_element(By.ID, "server-notes")
+    wait_for("the random-weights note", lambda: "random weights" in notes.text, 5, context=context)
+    assert speech_buttons_enabled(driver) == [False, False, False]
     start.click()  # the real button, as a person would
 
     def live():
@@ -229,9 +248,21 @@ def test_conversation_through_the_page(server, browser, avatar_id):
             pytest.fail(f"the page failed to start: {state['error']}\n{context()}")
         return state if state["state"] == "live" and state["sessionId"] else None
 
+    # Speech cannot be given before the avatar is there: the buttons wait for "live".
+    while js("return avatarDemo.state().state") in ("starting", "connecting"):
+        assert speech_buttons_enabled(driver) == [False, False, False], js("return avatarDemo.state()")
+        time.sleep(0.05)
     state = wait_for("the conversation live", live, 20, context=context)
     session_id = state["sessionId"]
     marks["live"] = time.monotonic() - t0
+    assert speech_buttons_enabled(driver) == [True, True, True]
+    # The session id is on the page, for examples/push_speech.py, with a way to copy it.
+    assert driver.find_element(By.ID, "session-id").text == session_id
+    driver.find_element(By.ID, "copy-session").click()
+    copied = driver.find_element(By.ID, "copy-status")
+    wait_for("the copy answered", lambda: copied.text in ("Copied.", "Selected: press Ctrl-C to copy."), 5)
+    if copied.text.startswith("Selected"):
+        assert js("return window.getSelection().toString()") == session_id
 
     # The avatar plays in the page's <video>: its size is the model's, and time moves on.
     first = wait_for("the avatar video playing at 128x128",
@@ -265,9 +296,15 @@ def test_conversation_through_the_page(server, browser, avatar_id):
     audio_in = got["user_audio_seconds_received"] - was["user_audio_seconds_received"]
     assert video_in > 10 * seconds, f"server received {video_in} user video frames in ~{seconds:.1f} s: {got}"
     assert audio_in > 0.5 * seconds, f"server received {audio_in:.2f} s of user audio in ~{seconds:.1f} s: {got}"
-    # ... and the page shows the server's figures, whatever their names.
+    # ... and the page shows the server's figures under names a person reads (no raw JSON keys).
     rows = js("return Array.from(document.querySelectorAll('#server-stats th')).map(th => th.textContent)")
-    assert "state" in rows and "stats.user_video_frames_received" in rows, rows
+    assert "state" in rows and "your video frames received" in rows, rows
+    assert rows[1:3] == ["block latency, median (ms)", "block latency, p99 (ms)"], rows
+    assert not [r for r in rows if "." in r or "_" in r], rows
+    # Whether the avatar keeps up shows beside the video, without scrolling.
+    figures = driver.find_element(By.ID, "call-figures")
+    wait_for("block latency beside the video", lambda: "block latency" in figures.text, 5, context=context)
+    assert js("return arguments[0].getBoundingClientRect().bottom", figures) <= WINDOW[1] - 100
     marks["checked"] = time.monotonic() - t0
 
     # Stop: the page closes the session and the server forgets it.
@@ -277,10 +314,29 @@ def test_conversation_through_the_page(server, browser, avatar_id):
              lambda: server.http.get(f"/v1/sessions/{session_id}").json().get("state") == "closed", 5,
              context=context)
     assert server.http.get(f"/v1/sessions/{session_id}").json()["end_reason"] == "deleted"
+    # The figures stay for reading, but no longer claim the session is live.
+    wait_for("the server figures' state 'closed (deleted)' after Stop", lambda: js(
+        "return document.querySelector('#server-stats tr[data-key=state] td').textContent") == "closed (deleted)",
+        5, context=context)
+    assert speech_buttons_enabled(driver) == [False, False, False]
+    assert driver.find_element(By.ID, "session-id").text == session_id  # still there, marked ended
+    assert driver.find_element(By.ID, "session-ended").is_displayed()
+    screenshot(driver, "figures_after_stop")
     marks["stopped"] = time.monotonic() - t0
 
     assert browser_errors(driver) == []
     print("browser test timeline (s):", {k: round(v, 1) for k, v in marks.items()})
+
+
+def speech_buttons_enabled(driver) -> list[bool]:
+    return [driver.find_element(By.ID, i).is_enabled() for i in ("speech-send", "test-phrase", "interrupt")]
+
+
+def screenshot(driver, name: str) -> Path:
+    SCREENS.mkdir(parents=True, exist_ok=True)
+    path = SCREENS / f"{name}.png"
+    driver.save_screenshot(str(path))
+    return path
 
 
 def session_info(server: Server, session_id: str) -> dict:
@@ -305,3 +361,180 @@ def test_page_shows_the_servers_upload_error(server, browser, tmp_path):
     status = browser.find_element(By.ID, "avatar-status")
     wait_for("the upload error shown", lambda: "error" in (status.get_attribute("class") or ""), 10)
     assert status.text == message
+
+
+def test_push_speech_example_against_the_server(server, tmp_path):
+    """examples/push_speech.py: an unknown session id is one line with the server's reason, no traceback."""
+    import subprocess
+    import sys
+
+    wav = tmp_path / "speech.wav"
+    write_wav(MEDIA_DIR / "user.mp4", wav, 1.0, rate=16000)
+    script = Path(__file__).resolve().parents[1] / "examples" / "push_speech.py"
+    done = subprocess.run([sys.executable, str(script), server.base, "s_nobody", str(wav)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("push_speech: error: the server refused the speech stream: no session"), done.stderr
+    assert "unknown_session, HTTP 404" in done.stderr and "Traceback" not in done.stderr
+
+
+# ---- when things go wrong ----
+
+def go_live(driver, base: str, avatar_id: str) -> str:
+    """Open the page, press Start, wait for the conversation; the session id."""
+    driver.get(f"{base}/?avatar={avatar_id}")
+    start = driver.find_element(By.ID, "start")
+    wait_for("the Start button enabled", start.is_enabled, 10)
+    start.click()
+
+    def live():
+        state = driver.execute_script("return avatarDemo.state()")
+        assert state["state"] != "failed", state
+        return state["sessionId"] if state["state"] == "live" else None
+
+    return wait_for("the conversation live", live, 20)
+
+
+def start_and_read_error(driver, base: str, avatar_id: str, before_start: str = "", *args) -> str:
+    """In the current tab: open the page, (run a script with args,) press Start; the error it shows."""
+    driver.get(f"{base}/?avatar={avatar_id}")
+    start = driver.find_element(By.ID, "start")
+    wait_for("the Start button enabled", start.is_enabled, 10)
+    if before_start:
+        driver.execute_script(before_start, *args)
+    start.click()
+    status = driver.find_element(By.ID, "call-status")
+    wait_for("the page failed", lambda: driver.execute_script("return avatarDemo.state().state") == "failed", 10)
+    assert "error" in status.get_attribute("class")
+    assert speech_buttons_enabled(driver) == [False, False, False]
+    return status.text
+
+
+def server_refusal(**state):
+    """The server's own 503 for a state: SessionManager.refusal, the rule behind POST /v1/sessions."""
+    from avatar_forcing.server.sessions import SessionManager
+
+    worker = SimpleNamespace(ready=threading.Event(), error=None)
+    if state.get("ready", True):
+        worker.ready.set()
+    manager = SimpleNamespace(draining=False, worker=worker, free=1, would_overload=lambda: state.get("overloaded"),
+                              settings=SimpleNamespace(max_sessions=1, overload_admission="predict"))
+    return SessionManager.refusal(manager)
+
+
+# Answers the page's next POST /v1/sessions with a given 503, as the server would in that state (a model
+# still loading, or measured overload, cannot be brought about on demand on a shared CPU).
+ANSWER_NEXT_SESSION = """
+const [body, retry] = arguments;
+const real = window.fetch;
+window.fetch = (url, init) => {
+  if (url === "/v1/sessions" && init && init.method === "POST") {
+    window.fetch = real;
+    return Promise.resolve(new Response(body, {status: 503, statusText: "Service Unavailable",
+                                               headers: {"Content-Type": "application/json", "Retry-After": retry}}));
+  }
+  return real(url, init);
+};
+"""
+
+
+def test_each_refusal_shows_the_servers_code_and_message(server, browser, avatar_id):
+    """Full, busy and loading are different situations: the page names each, with the server's words."""
+    import json
+
+    driver = browser
+    first = driver.current_window_handle
+    go_live(driver, server.base, avatar_id)  # takes the server's only slot
+    driver.switch_to.new_window("tab")
+    try:
+        # at_capacity, for real: the server's answer to anyone else now.
+        expected = server.http.post("/v1/sessions", json={})
+        assert expected.status_code == 503 and expected.json()["error"]["code"] == "at_capacity", expected.text
+        shown = start_and_read_error(driver, server.base, avatar_id)
+        assert shown.startswith("The server is full (at_capacity): "), shown
+        assert expected.json()["error"]["message"] in shown and "Retry in 10 s." in shown, shown
+        screenshot(driver, "refusal_at_capacity")
+        for name, headline, refusal in (
+                ("overloaded", "The server is too busy", server_refusal(overloaded=True)),
+                ("not_ready", "The model is not ready yet", server_refusal(ready=False))):
+            assert refusal.code == name
+            shown = start_and_read_error(driver, server.base, avatar_id, ANSWER_NEXT_SESSION,
+                                         json.dumps(refusal.body()), refusal.headers["Retry-After"])
+            assert shown.startswith(f"{headline} ({name}): "), shown
+            assert refusal.message in shown and "full" not in shown, shown
+            screenshot(driver, f"refusal_{name}")
+    finally:
+        driver.close()
+        driver.switch_to.window(first)
+        driver.execute_script("return avatarDemo.stop()")
+
+
+@pytest.fixture
+def own_server(tmp_path):
+    """A server of this test alone (it is stopped and killed on purpose)."""
+    process = ServerProcess(tmp_path, max_sessions=1, drain_timeout_s=120).start()
+    try:
+        yield Server(process)
+    finally:
+        if process.proc.poll() is None:
+            process.proc.kill()
+        process.stop()
+
+
+def test_draining_then_server_gone(own_server, browser):
+    """SIGTERM: a new conversation is refused as "shutting down" while the live one goes on; then the
+    server dies, and the live page says it is unreachable within seconds (not "TURN may be needed")."""
+    server, driver = own_server, browser
+    r = server.http.post("/v1/avatars", content=(MEDIA_DIR / "rumi.jpg").read_bytes(),
+                         headers={"Content-Type": "image/jpeg"})
+    avatar = r.json()["avatar_id"]
+    first = driver.current_window_handle
+    go_live(driver, server.base, avatar)
+    server.process.proc.send_signal(signal.SIGTERM)
+    wait_for("/readyz draining", lambda: server.http.get("/readyz").json().get("reason") == "draining", 10)
+    driver.switch_to.new_window("tab")
+    try:
+        expected = server.http.post("/v1/sessions", json={}).json()["error"]
+        shown = start_and_read_error(driver, server.base, avatar)
+        assert shown.startswith("The server is shutting down (draining): "), shown
+        assert expected["message"] in shown, shown
+        screenshot(driver, "refusal_draining")
+    finally:
+        driver.close()
+        driver.switch_to.window(first)
+    assert driver.execute_script("return avatarDemo.state().state") == "live"  # draining lets it go on
+
+    server.process.proc.kill()
+    t0 = time.monotonic()
+    status = driver.find_element(By.ID, "call-status")
+    wait_for("the page saying the server is unreachable", lambda: "server is unreachable" in status.text, 8,
+             context=lambda: status.text)
+    took = time.monotonic() - t0
+    assert "TURN" not in status.text
+    assert driver.execute_script("return avatarDemo.state().state") == "failed"
+    assert speech_buttons_enabled(driver) == [False, False, False]
+    state_cell = driver.execute_script("return document.querySelector('#server-stats tr[data-key=state] td')"
+                                       "?.textContent")
+    assert state_cell in (None, "ended (unreachable)"), state_cell
+    screenshot(driver, "server_gone")
+    print(f"server killed -> page says unreachable in {took:.1f} s")
+
+
+def test_browser_without_loopback_candidates_fails_at_once(server, media, avatar_id, tmp_path):
+    """Chromium without --allow-loopback-in-peer-connection, on a machine whose only address is loopback,
+    offers no ICE candidate: the page says so at once and keeps the speech buttons off."""
+    args = [a for a in CHROME_ARGS if a != "--allow-loopback-in-peer-connection"]
+    started = server.process.metric("avatar_sessions_started_total")
+    (tmp_path / "home").mkdir()
+    driver = launch_browser(media, tmp_path / "home", args)
+    try:
+        t0 = time.monotonic()
+        shown = start_and_read_error(driver, server.base, avatar_id)
+        took = time.monotonic() - t0
+        assert "no ICE candidates" in shown and "--allow-loopback-in-peer-connection" in shown, shown
+        assert took < 10, f"{took:.1f} s to fail"
+        screenshot(driver, "no_loopback_candidates")
+    finally:
+        driver.quit()
+    # It failed before asking the server for a session: nothing there holds a slot.
+    assert server.process.metric("avatar_sessions_started_total") == started

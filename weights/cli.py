@@ -10,11 +10,14 @@ import argparse
 
 from avatar_forcing.errors import WeightsError
 
-from . import convert, hub, verify
+# hub, convert and verify import torch / huggingface_hub: each action imports what it uses, so that
+# `avatar-forcing weights --help` answers at once.
 from .registry import CHECKPOINTS, WAV2VEC2
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    from . import hub
+
     source = hub.weights_source(args.weights)
     directory = None if source == hub.HUB else source
     where = f"directory {directory}" if directory is not None else f"hub cache {hub.hub_cache_dir(args.cache_dir)}"
@@ -33,6 +36,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
+    from . import hub
+
     files = hub.official_files_from_hub(cache_dir=args.cache_dir, local_dir=args.dir)
     for ckpt, path in files.items():
         print(f"{ckpt.name}: {path}")
@@ -44,6 +49,8 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    from . import convert
+
     if bool(args.input) == bool(args.all):
         raise WeightsError("give either one checkpoint file (IN.pth) or --all DIR")
     if args.all and args.output:
@@ -55,6 +62,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from . import verify
+
     return verify.run_verify(args.weights, args.config, cache_dir=args.cache_dir)
 
 

@@ -88,10 +88,87 @@ def layout_hint() -> str:
 
 
 def how_to_get() -> str:
-    return (f"run `avatar-forcing weights download` on a machine with network access (or "
-            f"`hf download {MOTION_AUTOENCODER.repo_id} motion_autoencoder.pth flow_transformer.pth` and "
-            f"`hf download {WAV2VEC2.repo_id} config.json model.safetensors`), or copy the files into a "
-            f"directory ({layout_hint()}) and pass --weights DIR or set {WEIGHTS_ENV}=DIR")
+    # Worded to be right where it is printed: after a failed download too, it sends the person to a
+    # machine that reaches the hub and back with a folder, not to the command that just failed.
+    return (f"get the files where the Hugging Face hub is reachable (`avatar-forcing weights download --dir DIR`, "
+            f"about {total_mb()} MB), copy DIR here ({layout_hint()}) and pass --weights DIR or set "
+            f"{WEIGHTS_ENV}=DIR; HF_ENDPOINT selects a hub mirror")
+
+
+def total_mb() -> int:
+    return sum(c.approx_mb or 0 for c in CHECKPOINTS)
+
+
+def hub_endpoint() -> str:
+    from huggingface_hub import constants
+
+    return os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+
+
+def hub_unreachable(timeout_s: float = 3.0) -> str | None:
+    """Why the hub cannot be reached now (one TCP connection, at most `timeout_s`), or None if it can.
+
+    Checked before a download so that a machine without network hears so in seconds, instead of after
+    huggingface_hub's retries (about 20 s per file) and with a half-made download folder left behind.
+    """
+    import socket
+    import threading
+    from urllib.parse import urlsplit
+
+    url = urlsplit(hub_endpoint())
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    outcome: list[str | None] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout_s).close()
+            outcome.append(None)
+        except OSError as exc:
+            outcome.append(f"{host}:{port}: {exc.strerror or exc}")
+
+    # A thread bounds the name lookup too, which the socket timeout does not cover.
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout_s + 0.5)
+    return outcome[0] if outcome else f"{host}:{port}: no answer within {timeout_s:.0f} s"
+
+
+def missing_from_cache(cache_dir: str | os.PathLike | None = None) -> list[Checkpoint]:
+    """The official checkpoints not yet in the hub cache (never downloads)."""
+    return [ckpt for ckpt in CHECKPOINTS if cached_file(ckpt, cache_dir) is None]
+
+
+def check_reachable(missing: list[Checkpoint], offline: bool, where: str, advice: bool = True) -> None:
+    """Before downloading `missing`: fail at once, in one message, when the hub cannot be reached."""
+    if not missing:
+        return
+    then = f"; {how_to_get()}" if advice else ""
+    what = "; ".join(f"{c.repo_id}: {' or '.join(w.filename for w in c.weights)}" for c in missing)
+    if offline:
+        raise WeightsError(f"the official weights are not in {where} (missing {what}) and offline mode is "
+                           f"on (HF_HUB_OFFLINE){then}")
+    why = hub_unreachable()
+    if why is not None:
+        raise WeightsError(f"the official weights are not in {where} (missing {what}) and the Hugging Face "
+                           f"hub cannot be reached ({why}){then}")
+
+
+def preflight(weights: str | os.PathLike | None, advice: bool = True) -> str:
+    """Where the official weights will come from, checked without downloading or loading anything, so a
+    server that cannot get them says so before it starts. Raises WeightsError (with what to do, unless
+    `advice` is False: the caller gives its own)."""
+    source = weights_source(weights)
+    if source != HUB:
+        if Path(source).is_file():
+            return f"the weights file {source}"
+        official_files_in_dir(source)  # raises, naming what is missing
+        return f"the weights directory {source}"
+    missing = missing_from_cache()
+    if not missing:
+        return f"the Hugging Face cache ({hub_cache_dir()})"
+    check_reachable(missing, is_offline(), f"the Hugging Face cache at {hub_cache_dir()}", advice)
+    mb = sum(c.approx_mb or 0 for c in missing)
+    return f"the hub: {', '.join(c.name for c in missing)} (about {mb} MB) download first, into {hub_cache_dir()}"
 
 
 # -- a local directory ------------------------------------------------------------------------------------
@@ -240,6 +317,12 @@ def official_files_from_hub(*, cache_dir: str | os.PathLike | None = None, local
 
     With `local_dir` they are placed in the official local layout under that folder instead.
     """
+    if local_dir is None:
+        missing, where = missing_from_cache(cache_dir), f"the Hugging Face cache at {hub_cache_dir(cache_dir)}"
+    else:
+        root = Path(local_dir).expanduser()
+        missing, where = [c for c in CHECKPOINTS if local_file(root, c) is None], str(root)
+    check_reachable(missing, is_offline(offline), where)
     got: dict[str, tuple[Path, Path | None]] = {}
     for ckpt in CHECKPOINTS:
         sub = None
