@@ -11,6 +11,8 @@ import torch
 
 @dataclass(frozen=True)
 class Kernel:
+    """A named operation with a plain reference and a fast path, and the devices the fast path supports."""
+
     name: str
     reference: Callable
     fast: Callable

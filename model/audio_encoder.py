@@ -23,6 +23,9 @@ def normalize_utterance(wave: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 class AudioEncoder(nn.Module):
+    """wav2vec2 over raw 16 kHz speech, every hidden layer stacked per frame and projected to dim_a
+    (MODEL_SPEC §2.2): [B, samples] -> [B, frames, dim_a]."""
+
     def __init__(self, cfg: AudioEncoderConfig):
         super().__init__()
         self.config = cfg

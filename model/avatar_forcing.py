@@ -16,6 +16,9 @@ from .motion_autoencoder import MotionAutoencoder, ToFlow, identity_grid
 
 
 class AvatarForcing(nn.Module):
+    """The whole model under the official parameter names: motion auto-encoder, audio encoder and the
+    flow transformer (whose c_embedder is the dual motion encoder)."""
+
     def __init__(self, cfg: AvatarForcingConfig):
         super().__init__()
         self.config = cfg

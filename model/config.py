@@ -18,6 +18,8 @@ OFFICIAL_CHANNELS = {4: 512, 8: 512, 16: 512, 32: 512, 64: 256, 128: 128, 256: 6
 
 @dataclass(frozen=True)
 class MotionAutoencoderConfig:
+    """The LIA motion auto-encoder: frame size, the style and motion widths, the channel table per resolution."""
+
     input_size: int = 512
     style_dim: int = 512  # dim_w: width of the identity / motion latents
     motion_dim: int = 20  # dim_m: number of orthonormal motion directions
@@ -45,6 +47,8 @@ class MotionAutoencoderConfig:
 
 @dataclass(frozen=True)
 class AudioEncoderConfig:
+    """wav2vec2's configuration (a Wav2Vec2Config dict), the projected width dim_a and the audio rates."""
+
     # transformers.Wav2Vec2Config(**wav2vec2) builds the backbone; empty = the default (base) architecture.
     wav2vec2: dict[str, Any] = field(default_factory=dict)
     dim_a: int = 512  # width of the projected audio features
@@ -77,6 +81,8 @@ _HF_BOOKKEEPING = {"transformers_version", "_name_or_path", "architectures", "mo
 
 @dataclass(frozen=True)
 class FlowTransformerConfig:
+    """The causal DFoT: widths, depth, heads, and the streaming geometry (clip, block, context, caches)."""
+
     dim_w: int = 512  # motion latent width (the generated x and the reference motion r_s)
     dim_a: int = 512  # audio / condition width entering the dual motion encoder
     dim_h: int = 1024  # hidden width
@@ -135,6 +141,8 @@ class FlowTransformerConfig:
 
 @dataclass(frozen=True)
 class SamplerConfig:
+    """Flow-matching sampling: function evaluations per block and the two guidance scales."""
+
     nfe: int = 10  # the reference runs nfe - 1 transformer calls per block
     num_train_timesteps: int = 1000
     a_cfg_scale: float = 2.0  # avatar-audio guidance
@@ -143,6 +151,8 @@ class SamplerConfig:
 
 @dataclass(frozen=True)
 class AvatarForcingConfig:
+    """Every size and rate of a model; built by `official()` or from a reference folder (`from_golden_dir`)."""
+
     motion: MotionAutoencoderConfig = field(default_factory=MotionAutoencoderConfig)
     audio: AudioEncoderConfig = field(default_factory=AudioEncoderConfig)
     transformer: FlowTransformerConfig = field(default_factory=FlowTransformerConfig)

@@ -13,6 +13,9 @@ from .config import FlowTransformerConfig
 
 
 class DualMotionEncoder(nn.Module):
+    """Fuses the avatar's audio, the user's audio and the user's motion into one condition per frame with
+    two cross-attentions (MODEL_SPEC §2.3; the transformer's `c_embedder`)."""
+
     def __init__(self, cfg: FlowTransformerConfig):
         super().__init__()
         d = cfg.dim_a

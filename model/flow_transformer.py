@@ -89,6 +89,8 @@ class LayerKV:
 
 
 class TimestepEmbedder(nn.Module):
+    """Raw diffusion time t in [0, 1000] -> a sinusoid (cos half first) -> an MLP, per frame."""
+
     def __init__(self, hidden: int, frequency_embedding_size: int, max_period: float):
         super().__init__()
         self.frequency_embedding_size = frequency_embedding_size
@@ -122,6 +124,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: tuple[torch.
 
 
 class SelfAttention(nn.Module):
+    """Block-causal self-attention with RoPE on q and k; cached keys are stored already rotated."""
+
     def __init__(self, hidden: int, heads: int):
         super().__init__()
         self.heads = heads
@@ -137,6 +141,8 @@ class SelfAttention(nn.Module):
 
 
 class CrossAttention(nn.Module):
+    """Attention from frame tokens to the per-frame conditions, windowed around each frame."""
+
     def __init__(self, hidden: int, heads: int):
         super().__init__()
         self.heads = heads
@@ -154,6 +160,8 @@ class CrossAttention(nn.Module):
 
 
 class Mlp(nn.Module):
+    """fc1 -> GELU (tanh approximation) -> fc2, as timm's Mlp with the reference's settings."""
+
     def __init__(self, hidden: int, inner: int):
         super().__init__()
         self.fc1 = nn.Linear(hidden, inner)
@@ -165,6 +173,8 @@ class Mlp(nn.Module):
 
 
 class DFoTBlock(nn.Module):
+    """One transformer block: AdaLN-modulated self-attention and MLP, and an ungated cross-attention."""
+
     def __init__(self, cfg: FlowTransformerConfig):
         super().__init__()
         h = cfg.dim_h
@@ -191,6 +201,8 @@ class DFoTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
+    """AdaLN-modulated projection of the tokens back to motion-latent velocities."""
+
     def __init__(self, hidden: int, out_dim: int):
         super().__init__()
         self.norm_final = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)

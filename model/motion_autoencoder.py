@@ -82,6 +82,8 @@ class Direction(nn.Module):
 
 
 class ConstantInput(nn.Module):
+    """The decoder's learned 4x4 starting map, repeated over the batch."""
+
     def __init__(self, channels: int, size: int = 4):
         super().__init__()
         self.input = nn.Parameter(torch.randn(1, channels, size, size))
@@ -151,6 +153,8 @@ class PortraitCode(NamedTuple):
 
 
 class DecodedFrames(NamedTuple):
+    """Decoder output: raw images and the warp grid of the `flow_resolution` level."""
+
     image: torch.Tensor  # [B, 3, S, S], raw (no tanh, no clamp)
     flow: torch.Tensor | None  # [B, R, R, 2] warp grid of the `flow_resolution` level
 
@@ -201,6 +205,9 @@ class Synthesis(nn.Module):
 
 
 class MotionAutoencoder(nn.Module):
+    """LIA-style auto-encoder: a face image -> appearance code, feature maps and motion latent; appearance
+    code + motion latent -> a frame, by flow-warping the portrait's feature maps (MODEL_SPEC §2.1)."""
+
     def __init__(self, cfg: MotionAutoencoderConfig):
         super().__init__()
         self.config = cfg

@@ -32,6 +32,8 @@ Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 @dataclass
 class OfflineJob:
+    """The files of one offline generation: portrait, the avatar's speech, the user's video and audio."""
+
     avatar_image: Path
     avatar_audio: Path
     user_video: Path
@@ -108,6 +110,8 @@ def audio_features(model: AvatarForcing, pcm: np.ndarray, num_frames: int) -> to
 
 @dataclass
 class PreparedJob:
+    """A job ready for the engine: the portrait's code and the clip's precomputed conditions."""
+
     portrait: np.ndarray  # the face crop, model-sized
     inputs: PrecomputedInputs
 

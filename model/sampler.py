@@ -70,6 +70,9 @@ def unpad_branch_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 class GuidedSampler:
+    """Euler flow-matching sampling of one block with three-branch classifier-free guidance, and the KV
+    cache updates after a block (priming or streaming)."""
+
     def __init__(self, transformer: FlowTransformer, cfg: SamplerConfig, *, skip_noop_steps: bool = True,
                  forward=None):
         self.transformer = transformer

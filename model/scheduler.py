@@ -17,6 +17,8 @@ from .config import SamplerConfig
 
 @dataclass(frozen=True)
 class SolverStep:
+    """One Euler step: the times the transformer sees and the noise levels the update uses."""
+
     t_cur: float  # diffusion time the transformer sees for the frames being denoised
     t_next: float
     sigma_cur: float
@@ -29,6 +31,8 @@ class SolverStep:
 
 
 class FlowMatchSchedule:
+    """The reference's step list and sigma table (numpy float64 linspace cast to fp32; nearest sigma)."""
+
     def __init__(self, cfg: SamplerConfig):
         n = cfg.num_train_timesteps
         self.num_train_timesteps = n

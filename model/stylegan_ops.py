@@ -69,6 +69,8 @@ class Upsample(nn.Module):
 
 
 class EqualConv2d(nn.Module):
+    """Convolution with the equalised learning-rate scale applied at run time (StyleGAN2)."""
+
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
                  padding: int = 0, bias: bool = True):
         super().__init__()
@@ -83,6 +85,8 @@ class EqualConv2d(nn.Module):
 
 
 class EqualLinear(nn.Module):
+    """Linear layer with the equalised learning-rate scale and an optional fused leaky ReLU."""
+
     def __init__(self, in_features: int, out_features: int, bias_init: float = 0.0):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(out_features, in_features))
@@ -177,6 +181,8 @@ class NoiseInjection(nn.Module):
 
 
 class StyledConv(nn.Module):
+    """Modulated convolution (style-scaled, demodulated weights), optional 2x upsampling, then bias + leaky ReLU."""
+
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, style_dim: int,
                  blur_taps: Sequence[int], upsample: bool = False):
         super().__init__()

@@ -66,3 +66,14 @@ def test_no_upward_imports(folder, forbidden):
             if name.startswith(forbidden):
                 offenders.append(f"{path.relative_to(REPO)} imports {name}")
     assert not offenders, "\n".join(offenders)
+
+
+def test_every_public_class_of_the_networks_and_engine_has_a_docstring():
+    missing = []
+    folders = (REPO / "model", REPO / "model" / "engine", REPO / "kernels")
+    files = [path for folder in folders for path in folder.glob("*.py")]
+    for path in sorted(files):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ClassDef) and not node.name.startswith("_") and not ast.get_docstring(node):
+                missing.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name}")
+    assert not missing, "public classes without a docstring:\n" + "\n".join(missing)

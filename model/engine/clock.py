@@ -13,6 +13,8 @@ from collections import deque
 
 
 class TimestampMapper:
+    """Maps a client's media timestamps to the session clock, following drift and ignoring jitter."""
+
     def __init__(self, window_s: float = 10.0, max_step_s: float = 0.5):
         self.window_s = window_s
         self.max_step_s = max_step_s  # larger jumps are a restart of the sender: re-anchor at once

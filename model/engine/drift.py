@@ -16,6 +16,8 @@ import torch
 
 @dataclass(frozen=True)
 class PoseAnchorSettings:
+    """Optional drift control: how strongly, and outside which band, new frames are pulled to the portrait's pose."""
+
     ema: float = 0.08  # weight of the newest block in the running mean
     deadband: float = 0.25  # no correction while |mean - r_s| <= deadband * |r_s|
     gain: float = 0.25  # fraction of the excess removed per block

@@ -40,6 +40,8 @@ FrameMarker = Callable[[list[str], torch.Tensor], torch.Tensor]
 
 @dataclass
 class EngineSettings:
+    """How the engine runs: capacity, precision, batching and buckets, compilation, decoding, catch-up."""
+
     max_sessions: int = 16
     live: LiveSettings = field(default_factory=LiveSettings)
     decode: bool = True
@@ -72,6 +74,8 @@ class EngineSettings:
 
 
 class StreamingEngine:
+    """Sessions, the KV-cache pool and batched block steps (see the module docstring)."""
+
     def __init__(self, model: AvatarForcing, settings: EngineSettings | None = None,
                  clock: Callable[[], float] = time.monotonic):
         self.model = model

@@ -127,6 +127,8 @@ class PrecomputedInputs:
 
 @dataclass
 class LiveSettings:
+    """How live inputs are windowed and waited for (audio window, look-ahead, late-input wait, lead-in)."""
+
     fps: int = 25
     sample_rate: int = 16000
     window_frames: int = 60  # wav2vec2 context per block (2.4 s)

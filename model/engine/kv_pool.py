@@ -16,10 +16,14 @@ from ..sampler import NUM_BRANCHES
 
 
 class PoolFullError(RuntimeError):
+    """Every KV-cache slot is in use: no session can be opened until one closes."""
+
     pass
 
 
 class KVCachePool:
+    """Preallocated per-session KV caches, gathered into and scattered from batched steps."""
+
     def __init__(self, cfg: FlowTransformerConfig, capacity: int, device: torch.device | str,
                  dtype: torch.dtype = torch.float32):
         self.capacity = capacity

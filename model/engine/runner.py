@@ -64,6 +64,8 @@ class BatchInputs:
 
 @dataclass
 class BatchResult:
+    """What a batch produced: its final latents and the caches of its next block."""
+
     latents: torch.Tensor  # [B, L, dim_w] final latents, context included
     cache: list[LayerKV]  # [3B]-row caches to store for the next block
 
@@ -72,6 +74,9 @@ Adjust = Callable[[torch.Tensor], torch.Tensor]  # edits denoised latents before
 
 
 class BlockRunner:
+    """Runs one planned batch through the model (conditions, denoise, cache update, decode); holds no
+    session state."""
+
     def __init__(self, model: AvatarForcing, sampler: GuidedSampler, *, motion_chunk: int, decode_chunk: int):
         self.model = model
         self.sampler = sampler

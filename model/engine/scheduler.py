@@ -18,12 +18,16 @@ from .session import Session
 
 
 class Phase(enum.Enum):
+    """The two shapes of a block: a session's priming window, or a streaming block over the cache."""
+
     PRIMING = "priming"  # the first window of a session: clip_frames tokens, no cache
     STREAMING = "streaming"  # a block over the KV cache: context + block_frames tokens
 
 
 @dataclass(frozen=True)
 class PlannedRow:
+    """One session's next block as planned: its span, any catch-up skip, when its inputs were complete."""
+
     session: Session
     start: int  # first token's model frame (context included)
     stop: int  # one past the last token's model frame
@@ -37,6 +41,8 @@ class PlannedRow:
 
 @dataclass(frozen=True)
 class PlannedBatch:
+    """Rows of one phase run together, padded to `bucket` rows."""
+
     phase: Phase
     rows: list[PlannedRow]
     bucket: int  # rows are padded with inert copies up to this size
@@ -44,6 +50,8 @@ class PlannedBatch:
 
 @dataclass(frozen=True)
 class StepPlan:
+    """Everything one engine step will run, batch by batch."""
+
     batches: list[PlannedBatch]
 
     @property
@@ -58,6 +66,8 @@ def batch_buckets(max_sessions: int) -> tuple[int, ...]:
 
 
 class Scheduler:
+    """Plans each engine step from the sessions' state; never changes it."""
+
     def __init__(self, cfg: FlowTransformerConfig, fps: int, *, buckets: tuple[int, ...] | None = None,
                  batching: bool = True, max_lag_frames: int | None = None):
         """max_lag_frames: a live block may end at most this many frames before the newest input; beyond

@@ -28,6 +28,8 @@ def generator_noise(seed: int, device: torch.device | str, dtype: torch.dtype = 
 
 @dataclass
 class BlockOutput:
+    """One block of one session: its frames, latents and speech, where they sit in time, and timings."""
+
     session_id: str
     index: int  # 0 = the priming window
     first_frame: int  # input frame of frames[0] (frames between blocks that catch-up skipped are never made)
@@ -45,6 +47,8 @@ class BlockOutput:
 
 @dataclass
 class Session:
+    """The engine-side state of one conversation: its KV slot, portrait, inputs, noise and position."""
+
     id: str
     slot: int
     portrait: PortraitCode

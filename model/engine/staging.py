@@ -13,6 +13,8 @@ import torch
 
 
 class PinnedUploads:
+    """Uploads of one kind of host array through a ring of pinned buffers (plain copies on a CPU)."""
+
     def __init__(self, device: torch.device, slots: int = 4):
         self.device = device
         self.pinned = device.type == "cuda"
