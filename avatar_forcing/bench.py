@@ -314,7 +314,7 @@ def run_bench_gpu(args) -> int:
     engine = make_engine(model, args.max_sessions, precision=precision, compile=args.compile)
     print(f"engine ready in {time.perf_counter() - t0:.1f} s{' (precompiled every bucket)' if args.compile else ''}",
           flush=True)
-    run_sessions(model, inputs, 2, 3, batching=True, engine=engine)  # warm-up
+    run_sessions(model, inputs, min(2, args.max_sessions), 3, batching=True, engine=engine)  # warm-up
     with reference_kernels():
         baseline = run_sessions(model, inputs, 1, args.blocks, batching=False, precision="float32",
                                 upstream_steps=True, profile=True)

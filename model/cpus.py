@@ -24,8 +24,8 @@ def _cgroup_quota(root: Path) -> float | None:
             return None if limit == "max" else int(limit) / int(period)
         quota_file, period_file = root / "cpu" / "cpu.cfs_quota_us", root / "cpu" / "cpu.cfs_period_us"
         if quota_file.exists() and period_file.exists():
-            quota, period = int(quota_file.read_text()), int(period_file.read_text())
-            return None if quota <= 0 else quota / period
+            quota_us, period_us = int(quota_file.read_text()), int(period_file.read_text())
+            return None if quota_us <= 0 else quota_us / period_us
     except (OSError, ValueError):
         return None  # unreadable or odd: fall back to the affinity count
     return None

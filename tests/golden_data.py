@@ -86,6 +86,15 @@ def golden_sets() -> list:
     return params
 
 
+def model_folders() -> list:
+    """pytest params: every golden folder that configures a small model (a skip param when none does)."""
+    folders = [f for f in golden_folders() if (f / "small_config.json").exists()]
+    if not folders:
+        return [pytest.param(None, marks=pytest.mark.skip(reason="needs a golden folder for the small "
+                                                          "configuration (AVATAR_FORCING_GOLDEN)"), id="no-golden")]
+    return [pytest.param(f, id=f.name) for f in folders]
+
+
 def relative_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
     expected = expected.double()
     diff = actual.detach().double().reshape(expected.shape) - expected

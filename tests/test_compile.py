@@ -6,13 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from golden_data import golden_folders, relative_l2, small_model
+from golden_data import model_folders, relative_l2, small_model
 
 from avatar_forcing.model.engine import EngineSettings, StreamingEngine
 
-FOLDER = next((f for f in golden_folders() if (f / "small_config.json").exists()), None)
-pytestmark = [pytest.mark.skipif(FOLDER is None, reason="needs a golden folder for the small configuration"),
-              pytest.mark.slow]
+pytestmark = pytest.mark.slow
 BUCKETS = (1, 2, 4)
 LATE = 1e6
 
@@ -37,11 +35,12 @@ def run_mixed(engine: StreamingEngine) -> dict[str, torch.Tensor]:
     return {sid: torch.cat(x) for sid, x in blocks.items()}
 
 
+@pytest.mark.parametrize("folder", model_folders())
 @pytest.mark.parametrize("precision", ["bfloat16"])  # the GPU default, and the pool dtype precompile once got wrong
-def test_precompiled_steps_never_recompile_and_match_eager(precision):
+def test_precompiled_steps_never_recompile_and_match_eager(folder, precision):
     from torch._dynamo.utils import counters
 
-    model = small_model(FOLDER)
+    model = small_model(folder)
     settings = dict(max_sessions=max(BUCKETS), decode=False, batch_buckets=BUCKETS, precision=precision)
     eager = run_mixed(StreamingEngine(model, EngineSettings(**settings)))
 

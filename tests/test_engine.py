@@ -5,27 +5,35 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from golden_data import golden_folders, relative_l2, small_model
+from golden_data import model_folders, relative_l2, small_model
 
 from avatar_forcing.model.config import from_golden_dir
 from avatar_forcing.model.engine import EngineSettings, LiveSettings, PoolFullError, StreamingEngine
 from avatar_forcing.model.engine.clock import TimestampMapper
 
-FOLDER = next((f for f in golden_folders() if (f / "small_config.json").exists()), None)
-pytestmark = pytest.mark.skipif(FOLDER is None, reason="needs a golden folder for the small configuration")
-# Rates and sizes from the folder's configuration (any reference folder, not one set's values).
-CFG = from_golden_dir(FOLDER) if FOLDER else None
-FPS = CFG.fps if CFG else 25
-SR = CFG.sampling_rate if CFG else 16000
-SPF = SR // FPS
-CLIP = CFG.transformer.clip_frames if CFG else 50  # the priming window, and the live lead-in
-BLOCK = CFG.transformer.block_frames if CFG else 10
-BLOCK_S = BLOCK / FPS
+# Rates and sizes come from the configuration of the folder under test (every folder in
+# AVATAR_FORCING_GOLDEN, one after the other): `folder` below sets them before that folder's tests run.
+FOLDER = CFG = None
+FPS = SR = SPF = CLIP = BLOCK = 0
+BLOCK_S = 0.0
+
+
+@pytest.fixture(scope="module", params=model_folders(), autouse=True)
+def folder(request):
+    global FOLDER, CFG, FPS, SR, SPF, CLIP, BLOCK, BLOCK_S
+    FOLDER = request.param
+    CFG = from_golden_dir(FOLDER)
+    FPS, SR = CFG.fps, CFG.sampling_rate
+    SPF = SR // FPS
+    CLIP = CFG.transformer.clip_frames  # the priming window, and the live lead-in
+    BLOCK = CFG.transformer.block_frames
+    BLOCK_S = BLOCK / FPS
+    return FOLDER
 
 
 @pytest.fixture(scope="module")
-def model():
-    return small_model(FOLDER)
+def model(folder):
+    return small_model(folder)
 
 
 def speechlike(seconds: float, seed: int) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
@@ -9,18 +10,23 @@ import av
 import cv2
 import numpy as np
 import pytest
-from golden_data import DEFAULT_GOLDEN, MEDIA_DIR, golden_folders
+from golden_data import MEDIA_DIR, model_folders
 from media_files import write_audio_only_mp4, write_video, write_wav
 
 from avatar_forcing.cli import main
+from avatar_forcing.model.config import from_golden_dir
 from avatar_forcing.model.media.audio import load_audio
 from avatar_forcing.model.media.video import iter_video_frames
 
-GOLDEN = next((f for f in golden_folders() if (f / "small_weights.safetensors").exists()), None)
-pytestmark = [
-    pytest.mark.skipif(GOLDEN is None, reason="needs the golden small weights"),
-    pytest.mark.skipif(not (MEDIA_DIR / "rumi.jpg").exists(), reason=f"needs the sample media in {MEDIA_DIR}"),
-]
+pytestmark = pytest.mark.skipif(not (MEDIA_DIR / "rumi.jpg").exists(), reason=f"needs the sample media in {MEDIA_DIR}")
+GOLDEN = None  # the golden folder under test: every one in AVATAR_FORCING_GOLDEN in turn (set by `golden` below)
+
+
+@pytest.fixture(scope="module", params=model_folders(), autouse=True)
+def golden(request):
+    global GOLDEN
+    GOLDEN = request.param
+    return GOLDEN
 
 
 @pytest.fixture(scope="module")
@@ -61,12 +67,14 @@ def test_generate_resamples_inputs_and_writes_video_with_audio(short_media, tmp_
                     "--user-audio", str(short_media / "user_48k.wav"), "-o", str(out)])
     assert code == 0
     frames, rate, size, audio_rate, audio_seconds = read_output(out)
-    # The clip is as long as the longer audio track: 2.5 s of speech -> 63 frames at 25 fps.
-    assert frames == 63
-    assert rate == 25
-    assert size == (128, 128)  # the golden configuration's resolution
-    assert audio_rate == 16000
-    assert abs(audio_seconds - 63 / 25) < 0.05
+    cfg = from_golden_dir(GOLDEN)
+    # The clip is as long as the longer audio track: 2.5 s of speech at the model's frame rate.
+    expected = math.ceil(2.5 * cfg.fps)
+    assert frames == expected
+    assert rate == cfg.fps
+    assert size == (cfg.motion.input_size, cfg.motion.input_size)
+    assert audio_rate == cfg.sampling_rate
+    assert abs(audio_seconds - expected / cfg.fps) < 0.05
 
 
 def test_generate_is_seedable(short_media, tmp_path):
@@ -132,7 +140,3 @@ def test_console_script_reports_without_traceback(bad_files, tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "no face" in proc.stderr
-
-
-def test_default_golden_location_is_documented():
-    assert DEFAULT_GOLDEN.name == "avatar_forcing_ref_v1"

@@ -8,14 +8,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from golden_data import engine_rollout, golden_folders, relative_l2, small_model
+from golden_data import engine_rollout, model_folders, relative_l2, small_model
 
 from avatar_forcing.model.config import SamplerConfig
 from avatar_forcing.model.sampler import Conditions
 from avatar_forcing.model.scheduler import FlowMatchSchedule
 
-FOLDER = next((f for f in golden_folders() if (f / "small_config.json").exists()), None)
-needs_golden = pytest.mark.skipif(FOLDER is None, reason="needs a golden folder for the small configuration")
+each_folder = pytest.mark.parametrize("folder", model_folders())
 
 
 def random_conditions(cfg, frames: int, seed: int = 0) -> tuple[torch.Tensor, Conditions]:
@@ -48,11 +47,11 @@ def test_schedule_differs_from_a_float32_linspace_where_the_reference_does():
     assert not torch.equal(numpy_steps, torch.linspace(1000.0, 0.0, 7, dtype=torch.float32))
 
 
-@needs_golden
-def test_rebased_positions_equal_an_unrebased_rollout():
+@each_folder
+def test_rebased_positions_equal_an_unrebased_rollout(folder):
     """With a 128-position table the rollout rebases several times; a 4096-position table never does."""
     frames = 300
-    small, large = small_model(FOLDER, 128), small_model(FOLDER, 4096)
+    small, large = small_model(folder, 128), small_model(folder, 4096)
     r_s, cond = random_conditions(small.config, frames)
     out_small, _ = engine_rollout(small, r_s, cond, frames, seed=1)
     out_large, _ = engine_rollout(large, r_s, cond, frames, seed=1)
@@ -63,9 +62,9 @@ def test_rebased_positions_equal_an_unrebased_rollout():
     assert relative_l2(other, out_large) > 1e-2
 
 
-@needs_golden
-def test_table_overflow_without_rebase_is_a_clear_error():
-    model = small_model(FOLDER, 64)
+@each_folder
+def test_table_overflow_without_rebase_is_a_clear_error(folder):
+    model = small_model(folder, 64)
     r_s, _ = random_conditions(model.config, 50)
     ft = model.flow_transformer
     with pytest.raises(ValueError, match="rebase"):
@@ -73,9 +72,9 @@ def test_table_overflow_without_rebase_is_a_clear_error():
            torch.arange(60, 72)[None])
 
 
-@needs_golden
-def test_same_seed_same_output():
-    model = small_model(FOLDER, 1024)
+@each_folder
+def test_same_seed_same_output(folder):
+    model = small_model(folder, 1024)
     frames = model.config.transformer.clip_frames + 2 * model.config.transformer.block_frames
     r_s, cond = random_conditions(model.config, frames)
     a, _ = engine_rollout(model, r_s, cond, frames, seed=5)
