@@ -1,0 +1,62 @@
+"""`avatar-forcing data prepare`: a manifest of dyadic clips -> training shards for `avatar-forcing train`.
+
+    avatar-forcing data prepare --manifest clips.jsonl --out shards/ --weights hub
+
+Manifest lines: {"name": ..., "avatar_video": ..., "user_video": ..., "avatar_audio"?: ..., "user_audio"?: ...}
+(paths relative to the manifest). Rerun the same command to continue an interrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from .errors import UserError
+
+log = logging.getLogger("avatar_forcing.data")
+
+
+def add_data_command(subparsers) -> None:
+    p = subparsers.add_parser("data", help="prepare training shards from dyadic videos", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    k = actions.add_parser("prepare", help="manifest of dyadic clips -> safetensors shards + index.json")
+    k.add_argument("--manifest", required=True, type=Path, help="JSON list or JSON lines of clips")
+    k.add_argument("--out", required=True, type=Path, help="shard folder (created; reruns continue in it)")
+    k.add_argument("--config", default="official", help="'official' or a folder with small_config.json")
+    k.add_argument("--weights", default=None, help="the frozen motion encoder and wav2vec2 ('hub', folder, file)")
+    k.add_argument("--device", default="auto")
+    k.add_argument("--clips-per-shard", type=int, default=64)
+    k.add_argument("--max-seconds", type=float, default=None, help="cut each clip to at most this long")
+    k.add_argument("--skip-bad", action="store_true",
+                   help="record clips without a face or audio in index.json's 'rejected' and go on (default: stop)")
+    k.add_argument("--no-progress", action="store_true")
+    k.set_defaults(func=run_prepare)
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from avatar_forcing.model.config import config_from_name
+    from avatar_forcing.model.device import pick_device
+    from avatar_forcing.model.training.prepare import ClipError, prepare_shards, read_manifest
+    from avatar_forcing.weights.loading import load_model
+
+    try:
+        manifest = read_manifest(args.manifest)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UserError(str(exc)) from exc
+    cfg = config_from_name(args.config)
+    model = load_model(cfg, args.weights, device=pick_device(args.device))
+    max_frames = None if args.max_seconds is None else int(args.max_seconds * model.config.fps)
+    with tqdm(total=len(manifest), desc="prepare", unit="clip", disable=args.no_progress) as bar:
+        try:
+            writer = prepare_shards(model, manifest, args.out, args.clips_per_shard, args.skip_bad, max_frames,
+                                    progress=lambda name: bar.update(1))
+        except ClipError as exc:
+            raise UserError(f"{exc} (rerun with --skip-bad to leave such clips out; finished clips are kept)") from exc
+    log.info("%d clips in %s; %d rejected", len(writer.entries), args.out, len(writer.rejected))
+    for name, reason in writer.rejected.items():
+        log.warning("rejected %s: %s", name, reason)
+    return 0

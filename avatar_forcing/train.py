@@ -1,0 +1,209 @@
+"""`avatar-forcing train`: the motion auto-encoder on face videos (LIA reconstruction), the flow
+transformer on training shards (diffusion forcing), then label-free DPO. Run under
+`torchrun --nproc_per_node N` for several GPUs / nodes (DDP).
+
+    avatar-forcing train autoencoder --videos clips/ --weights hub --out runs/ae
+    avatar-forcing train transformer --data shards/ --weights hub --out runs/fm
+    avatar-forcing train dpo --data shards/ --weights runs/fm/model.safetensors --out runs/dpo
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+from .errors import UserError
+
+log = logging.getLogger("avatar_forcing.train")
+
+
+def add_train_command(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train the motion auto-encoder or the transformer (flow matching, DPO)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    kinds = p.add_subparsers(dest="kind", required=True, metavar="KIND")
+    add_autoencoder_command(kinds)
+    for kind, text in (("transformer", "diffusion-forcing flow matching"), ("dpo", "label-free Diffusion-DPO")):
+        k = kinds.add_parser(kind, help=text)
+        k.add_argument("--data", required=True, type=Path, help="shard folder (index.json)")
+        k.add_argument("--out", required=True, type=Path, help="run folder: checkpoint, metrics.csv, state")
+        k.add_argument("--config", default="official", help="'official' or a folder with small_config.json")
+        k.add_argument("--weights", default=None,
+                       help="starting weights ('hub', a folder, a .safetensors file; 'none' = random init)")
+        k.add_argument("--device", default="auto")
+        k.add_argument("--steps", type=int, default=10_000)
+        k.add_argument("--batch", type=int, default=8, help="windows per process per micro-batch")
+        k.add_argument("--accumulation", type=int, default=1)
+        k.add_argument("--lr", type=float, default=1e-4 if kind == "transformer" else 1e-5)
+        k.add_argument("--warmup", type=int, default=500 if kind == "transformer" else 50)
+        k.add_argument("--ema", type=float, default=0.999)
+        k.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 weights)")
+        k.add_argument("--block-noise", action="store_true",
+                       help="one noise level per 10-frame block (the reference) instead of per frame")
+        k.add_argument("--clean-prefix", type=float, default=0.0, help="probability of a clean history prefix")
+        k.add_argument("--save-every", type=int, default=1000)
+        k.add_argument("--seed", type=int, default=0)
+        k.add_argument("--no-progress", action="store_true")
+        if kind == "dpo":
+            k.add_argument("--beta", type=float, default=50.0)
+            k.add_argument("--sft-weight", type=float, default=1.0, help="lambda: flow-matching loss on winners")
+            k.add_argument("--dpo-velocity", choices=("branch", "full", "guided"), default="branch",
+                           help="the velocity the preference compares (docs/training.md, DPO experiments)")
+            k.add_argument("--losers", type=Path, default=None,
+                           help="shard folder whose clips carry losers (default: generate once into OUT/losers)")
+        k.set_defaults(func=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from avatar_forcing.model.avatar_forcing import build_model
+    from avatar_forcing.model.config import config_from_name
+    from avatar_forcing.model.device import pick_device
+    from avatar_forcing.model.training.data import load_shards, save_shards
+    from avatar_forcing.model.training.flow_matching import NoiseSettings
+    from avatar_forcing.model.training.loop import Distributed, LoopSettings
+    from avatar_forcing.model.training.objectives import DPOSettings, FlowSettings
+    from avatar_forcing.model.training.rollout import generate_latents
+    from avatar_forcing.model.training.transformer import transformer_trainer
+    from avatar_forcing.weights.loading import load_model
+
+    cfg = config_from_name(args.config)
+    device = pick_device(args.device)
+    dist_info = Distributed.from_environment(device)
+    if device.type == "cuda" and dist_info.active:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    model = build_model(cfg, device) if args.weights == "none" else load_model(cfg, args.weights, device=device)
+    try:
+        clips = load_shards(args.data)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UserError(str(exc)) from exc
+    dpo = None
+    if args.kind == "dpo":
+        dpo = DPOSettings(beta=args.beta, sft_weight=args.sft_weight, velocity=args.dpo_velocity,
+                          guidance=(cfg.sampler.a_cfg_scale, cfg.sampler.u_cfg_scale))
+        cache = args.losers or args.out / "losers"
+        if (cache / "index.json").exists():
+            clips = load_shards(cache)
+        else:  # every process generates the same losers (same seeds); only rank 0 writes them
+            for clip, loser in zip(clips, generate_latents(model, clips, seed=args.seed, drop_user=True), strict=False):
+                clip.loser = loser
+            if dist_info.main:
+                save_shards(clips, cache)
+    loop = LoopSettings(steps=args.steps, micro_batch=args.batch, accumulation=args.accumulation, lr=args.lr,
+                        warmup=args.warmup, ema_decay=args.ema, bf16=args.bf16, save_every=args.save_every,
+                        seed=args.seed, progress=not args.no_progress)
+    flow = FlowSettings(NoiseSettings(per_frame=not args.block_noise, block_frames=cfg.transformer.block_frames,
+                                      clean_prefix=args.clean_prefix))
+    try:
+        trainer = transformer_trainer(model, clips, loop, args.out, flow=flow, dpo=dpo, device=device,
+                                      dist_info=dist_info)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+    trainer.resume()
+    history = trainer.run()
+    if history and dist_info.main:
+        log.info("step %d: loss %.4f; checkpoint %s", trainer.step, history[-1]["loss"], args.out / "model.safetensors")
+    return 0
+
+
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
+
+
+def add_autoencoder_command(kinds) -> None:
+    k = kinds.add_parser("autoencoder", help="the motion auto-encoder (LIA reconstruction of frame pairs)")
+    k.add_argument("--videos", required=True, nargs="+", type=Path,
+                   help="face videos, or folders of them: one clip each; pairs are two frames of one clip")
+    k.add_argument("--out", required=True, type=Path,
+                   help="run folder: motion_autoencoder.safetensors, model.safetensors, metrics.csv, state")
+    k.add_argument("--config", default="official", help="'official' or a folder with small_config.json")
+    k.add_argument("--weights", default=None, help="starting weights ('hub', a folder, a file; 'none' = random)")
+    k.add_argument("--device", default="auto")
+    k.add_argument("--steps", type=int, default=20_000)
+    k.add_argument("--batch", type=int, default=8, help="pairs per process per micro-batch")
+    k.add_argument("--accumulation", type=int, default=1)
+    k.add_argument("--lr", type=float, default=2e-5)
+    k.add_argument("--warmup", type=int, default=200)
+    k.add_argument("--ema", type=float, default=0.999)
+    k.add_argument("--bf16", action="store_true")
+    k.add_argument("--max-frames", type=int, default=500, help="frames kept per clip (evenly spaced)")
+    k.add_argument("--min-gap", type=int, default=5, help="least distance in frames between source and driving")
+    k.add_argument("--ssim-weight", type=float, default=0.5)
+    k.add_argument("--gradient-weight", type=float, default=0.5)
+    k.add_argument("--perceptual", type=Path, default=None,
+                   help="a local TorchScript perceptual network (images in [-1,1] -> features); none by default")
+    k.add_argument("--perceptual-weight", type=float, default=1.0)
+    k.add_argument("--save-every", type=int, default=1000)
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--no-progress", action="store_true")
+    k.set_defaults(func=run_train_autoencoder)
+
+
+def video_files(paths: list[Path]) -> list[Path]:
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files += sorted(p for p in path.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise UserError(f"{path}: no such file or folder")
+    if not files:
+        raise UserError(f"no videos ({', '.join(VIDEO_SUFFIXES)}) in {', '.join(map(str, paths))}")
+    return files
+
+
+def run_train_autoencoder(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from avatar_forcing.errors import MediaError
+    from avatar_forcing.model.avatar_forcing import build_model
+    from avatar_forcing.model.config import config_from_name
+    from avatar_forcing.model.device import pick_device
+    from avatar_forcing.model.training.autoencoder import (
+        ReconstructionWeights,
+        autoencoder_trainer,
+        crops_of_video,
+        load_perceptual,
+    )
+    from avatar_forcing.model.training.loop import Distributed, LoopSettings
+    from avatar_forcing.weights.loading import load_model
+
+    cfg = config_from_name(args.config)
+    device = pick_device(args.device)
+    dist_info = Distributed.from_environment(device)
+    if device.type == "cuda" and dist_info.active:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    files = video_files(args.videos)
+    model = build_model(cfg, device) if args.weights == "none" else load_model(cfg, args.weights, device=device)
+    size = model.config.motion.input_size
+    clips = []
+    for path in tqdm(files, desc="face crops", unit="clip", disable=args.no_progress or not dist_info.main):
+        try:
+            clips.append(crops_of_video(path, size, max_frames=args.max_frames))
+        except MediaError as exc:
+            raise UserError(f"{path}: {exc}") from exc
+    perceptual = None
+    if args.perceptual is not None:
+        try:
+            perceptual = load_perceptual(args.perceptual, device)
+        except (FileNotFoundError, RuntimeError) as exc:
+            raise UserError(str(exc)) from exc
+    weights = ReconstructionWeights(ssim=args.ssim_weight, gradient=args.gradient_weight,
+                                    perceptual=args.perceptual_weight)
+    loop = LoopSettings(steps=args.steps, micro_batch=args.batch, accumulation=args.accumulation, lr=args.lr,
+                        warmup=args.warmup, ema_decay=args.ema, bf16=args.bf16, save_every=args.save_every,
+                        seed=args.seed, progress=not args.no_progress)
+    try:
+        trainer = autoencoder_trainer(model, clips, loop, args.out, weights, perceptual, device, dist_info,
+                                      min_gap=args.min_gap)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+    trainer.resume()
+    history = trainer.run()
+    if history and dist_info.main:
+        log.info("step %d: loss %.4f; checkpoints %s, %s", trainer.step, history[-1]["loss"],
+                 args.out / "motion_autoencoder.safetensors", args.out / "model.safetensors")
+    return 0

@@ -1,0 +1,280 @@
+"""Training of the motion auto-encoder (LIA) on frame pairs of one clip.
+
+A pair is two face crops of the same clip: the source gives the appearance (code s_r and the encoder's
+feature maps), the driving frame gives the motion r_d = Q fc(net_app(driving)); the decoder must rebuild the
+driving frame from s_r + r_d and the source's maps, exactly the algebra inference uses (MODEL_SPEC §2.1).
+Because both frames show the same person, the only way to succeed is to move the motion into r_d.
+
+Loss (all on images in [-1, 1]):
+    L1(recon, driving)
+  + w_ssim   (1 - SSIM(recon, driving))            structure, 11x11 Gaussian window, on [0, 1] images
+  + w_grad   multi-scale L1 of image gradients      edges at full, 1/2 and 1/4 resolution
+  + w_percep L1 of a perceptual network's features  only when a network is given (a local TorchScript file)
+LIA's adversarial term is left out: it needs a discriminator trained alongside, and the released weights
+are a better start for fine-tuning than anything a GAN on a few clips would give.
+
+The trained module holds the auto-encoder's own `enc` and `dec`, so its state-dict names are the
+auto-encoder's and the export adds the official `motion_autoencoder.` prefix.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..avatar_forcing import AvatarForcing
+from ..motion_autoencoder import MotionAutoencoder
+from .flow_matching import window_generator
+
+PREFIX = "motion_autoencoder."
+AUTOENCODER_NAME = "motion_autoencoder.safetensors"  # the auto-encoder alone, as the official file
+MODEL_NAME = "model.safetensors"  # the whole model (loads with `--weights FILE`)
+
+
+class Reconstruction(nn.Module):
+    """source, driving [B, 3, S, S] in [-1, 1] -> the driving frame rebuilt from the source's appearance."""
+
+    def __init__(self, autoencoder: MotionAutoencoder):
+        super().__init__()
+        self.enc = autoencoder.enc
+        self.dec = autoencoder.dec
+
+    def forward(self, source: torch.Tensor, driving: torch.Tensor) -> torch.Tensor:
+        b = source.shape[0]
+        codes, feats = self.enc.net_app(torch.cat([source, driving]))  # one encoder call for both
+        s_r = codes[:b]
+        r_d = self.dec.direction(self.enc.fc(codes[b:]))
+        return self.dec(s_r + r_d, [f[:b] for f in feats]).image
+
+
+# -- data -----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PairBatch:
+    source: torch.Tensor  # uint8 [B, 3, S, S] on the CPU, float in [-1, 1] after `to`
+    driving: torch.Tensor
+    keys: torch.Tensor
+
+    def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> PairBatch:
+        scale = lambda x: x.to(device, dtype) / 127.5 - 1 if x.dtype == torch.uint8 else x.to(device, dtype)
+        return PairBatch(scale(self.source), scale(self.driving), self.keys)
+
+    @property
+    def size(self) -> int:
+        return self.source.shape[0]
+
+
+class FramePairs:
+    """Random (source, driving) pairs of frames of the same clip. Clips are uint8 crops [N, S, S, 3].
+
+    Pair j of step s is drawn from a generator keyed by (seed, s, j), so any split of a global batch over
+    processes or micro-batches sees the same pairs (the contract of `WindowSet.batch`)."""
+
+    def __init__(self, clips: Sequence[torch.Tensor], seed: int = 0, min_gap: int = 1):
+        if not clips:
+            raise ValueError("no clips to train the auto-encoder on")
+        for n, clip in enumerate(clips):
+            if clip.dim() != 4 or clip.shape[-1] != 3 or clip.dtype != torch.uint8:
+                raise ValueError(f"clip {n}: expected uint8 face crops [frames, S, S, 3], got {clip.dtype} "
+                                 f"{list(clip.shape)}")
+            if clip.shape[0] < 2:
+                raise ValueError(f"clip {n} has {clip.shape[0]} frame(s): a pair needs two")
+        if len({tuple(c.shape[1:]) for c in clips}) != 1:
+            raise ValueError("all clips must have crops of one size")
+        self.clips = [c.permute(0, 3, 1, 2).contiguous() for c in clips]
+        self.seed = seed
+        self.min_gap = min_gap
+        frames = torch.tensor([c.shape[0] for c in self.clips], dtype=torch.float64)
+        self.weights = frames / frames.sum()  # a clip is picked in proportion to its length
+
+    def __len__(self) -> int:
+        return sum(c.shape[0] for c in self.clips)
+
+    def pair(self, step: int, key: int) -> tuple[int, int, int]:
+        gen = window_generator(self.seed, step, key)
+        clip = int(torch.multinomial(self.weights, 1, generator=gen))
+        n = self.clips[clip].shape[0]
+        gap = min(self.min_gap, n - 1)
+        source = int(torch.randint(0, n, (1,), generator=gen))
+        others = [i for i in range(n) if abs(i - source) >= gap]
+        driving = others[int(torch.randint(0, len(others), (1,), generator=gen))]
+        return clip, source, driving
+
+    def batch(self, step: int, global_batch: int, first: int, count: int) -> PairBatch:
+        if first < 0 or first + count > global_batch:
+            raise ValueError(f"slice [{first}, {first + count}) outside a global batch of {global_batch}")
+        picks = [self.pair(step, j) for j in range(first, first + count)]
+        source = torch.stack([self.clips[c][s] for c, s, _ in picks])
+        driving = torch.stack([self.clips[c][d] for c, _, d in picks])
+        return PairBatch(source, driving, torch.arange(first, first + count, dtype=torch.int64))
+
+
+# -- losses ---------------------------------------------------------------------------------------------------
+
+
+def _gaussian_window(size: int, sigma: float, channels: int, like: torch.Tensor) -> torch.Tensor:
+    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-(x ** 2) / (2 * sigma ** 2))
+    g = g / g.sum()
+    return (g[:, None] * g[None, :]).to(like.device, like.dtype).expand(channels, 1, size, size).contiguous()
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """[B] mean SSIM of images in [0, 1] (Wang et al. 2004 constants), Gaussian window, valid region only."""
+    c = a.shape[1]
+    w = _gaussian_window(min(window, a.shape[-1]), sigma, c, a)
+    blur = lambda x: F.conv2d(x, w, groups=c)
+    mu_a, mu_b = blur(a), blur(b)
+    var_a = blur(a * a) - mu_a ** 2
+    var_b = blur(b * b) - mu_b ** 2
+    cov = blur(a * b) - mu_a * mu_b
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
+    return s.flatten(1).mean(1)
+
+
+def gradient_loss(a: torch.Tensor, b: torch.Tensor, scales: int = 3) -> torch.Tensor:
+    """[B] L1 between the horizontal and vertical finite differences of a and b, averaged over `scales`
+    resolutions (each half the previous, by 2x2 average pooling)."""
+    total = a.new_zeros(a.shape[0])
+    for level in range(scales):
+        if level:
+            a, b = F.avg_pool2d(a, 2), F.avg_pool2d(b, 2)
+        dx = lambda x: x[..., :, 1:] - x[..., :, :-1]
+        dy = lambda x: x[..., 1:, :] - x[..., :-1, :]
+        total = total + (dx(a) - dx(b)).abs().flatten(1).mean(1) + (dy(a) - dy(b)).abs().flatten(1).mean(1)
+    return total / scales
+
+
+def load_perceptual(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
+    """A frozen perceptual network from a local TorchScript file (`torch.jit.save` of a module mapping images
+    [B, 3, H, W] in [-1, 1] to a tensor or a list / tuple of feature tensors). Nothing is downloaded."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"perceptual network {path}: no such file (give a TorchScript .pt saved with "
+                                "torch.jit.save; nothing is downloaded)")
+    net = torch.jit.load(str(path), map_location=device)
+    return net.eval().requires_grad_(False)
+
+
+def perceptual_loss(net: nn.Module, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    fa, fb = net(a), net(b)
+    if isinstance(fa, torch.Tensor):
+        fa, fb = [fa], [fb]
+    return torch.stack([(x - y).abs().flatten(1).mean(1) for x, y in zip(fa, fb, strict=True)]).mean(0)
+
+
+@dataclass(frozen=True)
+class ReconstructionWeights:
+    l1: float = 1.0
+    ssim: float = 0.5
+    gradient: float = 0.5
+    perceptual: float = 1.0  # used only with a perceptual network
+
+
+class ReconstructionObjective:
+    """The LIA reconstruction loss of a `PairBatch` (see the module docstring)."""
+
+    def __init__(self, weights: ReconstructionWeights = ReconstructionWeights(), perceptual: nn.Module | None = None):
+        self.w = weights
+        self.perceptual = perceptual
+
+    def parts(self, recon: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """[B] per-pair terms of images in [-1, 1]."""
+        recon, target = recon.float(), target.float()
+        out = {"l1": (recon - target).abs().flatten(1).mean(1),
+               "ssim": 1 - ssim((recon.clamp(-1, 1) + 1) / 2, (target + 1) / 2),
+               "gradient": gradient_loss(recon, target)}
+        if self.perceptual is not None:
+            out["perceptual"] = perceptual_loss(self.perceptual, recon, target)
+        return out
+
+    def loss(self, net: nn.Module, batch: PairBatch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        parts = self.parts(net(batch.source, batch.driving), batch.driving)
+        total = sum(getattr(self.w, name) * value.mean() for name, value in parts.items())
+        assert isinstance(total, torch.Tensor)
+        metrics = {name: float(value.mean().detach()) for name, value in parts.items()}
+        return total, {"loss": float(total.detach()), **metrics}
+
+
+@torch.no_grad()
+def reconstruction_error(autoencoder: MotionAutoencoder, pairs: FramePairs, count: int = 16, seed: int = 12345,
+                         batch: int = 8) -> float:
+    """Mean L1 (images in [-1, 1]) of `count` fixed pairs: a held-out figure independent of the loss weights."""
+    net = Reconstruction(autoencoder).eval()
+    param = next(autoencoder.parameters())
+    held = FramePairs([c.permute(0, 2, 3, 1) for c in pairs.clips], seed=seed, min_gap=pairs.min_gap)
+    errors = []
+    for first in range(0, count, batch):
+        n = min(batch, count - first)
+        b = held.batch(0, count, first, n).to(param.device, param.dtype)
+        errors.append((net(b.source, b.driving).float() - b.driving.float()).abs().flatten(1).mean(1))
+    return float(torch.cat(errors).mean())
+
+
+# -- checkpoints ----------------------------------------------------------------------------------------------
+
+
+def autoencoder_state_dict(net: nn.Module) -> dict[str, torch.Tensor]:
+    """The trained auto-encoder (e.g. the EMA copy of `Reconstruction`) under the official names."""
+    return {PREFIX + k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def export_autoencoder(model: AvatarForcing):
+    """An export hook writing both the auto-encoder alone (the layout of the official motion_autoencoder
+    file) and the whole model with the trained auto-encoder (loads with `--weights FILE`)."""
+    from safetensors.torch import save_file
+
+    def export(ema: nn.Module, out: Path) -> None:
+        trained = autoencoder_state_dict(ema)
+        whole = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        whole.update(trained)
+        meta = {"format": "pt", "producer": "avatar-forcing train autoencoder"}
+        for name, tensors in ((AUTOENCODER_NAME, trained), (MODEL_NAME, whole)):
+            tmp = out / (name + ".tmp")
+            save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
+            tmp.replace(out / name)
+
+    return export
+
+
+def crops_of_video(path: str | Path, size: int, max_frames: int | None = None, detect_stride: int = 5,
+                   detector=None) -> torch.Tensor:
+    """uint8 face crops [N, size, size, 3] of a video at 25 fps: the reference's one fixed crop per clip, at most
+    `max_frames` frames taken evenly over the clip."""
+    import numpy as np
+
+    from ..media.face import crop_video_fixed
+    from ..media.video import read_video_frames
+
+    frames = read_video_frames(path)
+    if max_frames is not None and len(frames) > max_frames:
+        frames = frames[np.linspace(0, len(frames) - 1, max_frames).round().astype(int)]
+    crops = crop_video_fixed(frames, size=size, detector=detector, detect_stride=detect_stride)
+    return torch.from_numpy(np.ascontiguousarray(crops))
+
+
+def autoencoder_trainer(model: AvatarForcing, clips: Sequence[torch.Tensor], loop, out_dir: str | Path,
+                        weights: ReconstructionWeights = ReconstructionWeights(), perceptual: nn.Module | None = None,
+                        device: torch.device | str = "cpu", dist_info=None, min_gap: int = 1):
+    """A ready `Trainer` of the motion auto-encoder on face-crop clips (uint8 [N, S, S, 3], S = input size)."""
+    from .loop import Trainer
+
+    size = model.config.motion.input_size
+    for n, clip in enumerate(clips):
+        if tuple(clip.shape[1:3]) != (size, size):
+            raise ValueError(f"clip {n}: crops are {list(clip.shape[1:3])}, the auto-encoder takes {size}x{size}")
+    if not math.log2(size).is_integer():
+        raise ValueError(f"input size {size} is not a power of two")
+    pairs = FramePairs(clips, seed=loop.seed, min_gap=min_gap)
+    model.to(device)
+    net = Reconstruction(model.motion_autoencoder).requires_grad_(True)
+    objective = ReconstructionObjective(weights, perceptual)
+    return Trainer(net, objective, pairs, loop, out_dir, export_autoencoder(model), torch.device(device), dist_info)

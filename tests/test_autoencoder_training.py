@@ -1,0 +1,103 @@
+"""Motion auto-encoder training: the loss terms by hand, deterministic frame pairs, and a short run on face
+crops of the sample user video that lowers reconstruction error and exports a checkpoint under the official
+names that the weights package loads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from golden_data import MEDIA_DIR
+from safetensors.torch import load_file
+from test_training import FOLDER, quick
+
+from avatar_forcing.model.config import from_golden_dir
+from avatar_forcing.model.training.autoencoder import (
+    AUTOENCODER_NAME,
+    MODEL_NAME,
+    FramePairs,
+    Reconstruction,
+    ReconstructionObjective,
+    autoencoder_trainer,
+    crops_of_video,
+    gradient_loss,
+    reconstruction_error,
+    ssim,
+)
+
+pytestmark = pytest.mark.skipif(FOLDER is None, reason="needs a golden folder for the small configuration")
+USER_VIDEO = MEDIA_DIR / "user.mp4"
+
+
+def test_ssim_and_gradient_terms_by_hand():
+    x = torch.rand(2, 3, 16, 16)
+    assert torch.allclose(ssim(x, x), torch.ones(2), atol=1e-5)
+    assert (ssim(x, torch.rand(2, 3, 16, 16)) < 0.5).all()
+    # A constant shift has the same gradients; a ramp of slope 1/pixel against a flat image costs 1 in x.
+    assert torch.allclose(gradient_loss(x, x + 0.3), torch.zeros(2), atol=1e-6)
+    ramp = torch.arange(8.0).expand(1, 1, 8, 8)
+    # dx differs by 1 everywhere, dy by 0: (1 + 0) at every scale; pooling a linear ramp by 2 doubles the slope
+    assert gradient_loss(ramp, torch.zeros_like(ramp), scales=1).item() == pytest.approx(1.0)
+    assert gradient_loss(ramp, torch.zeros_like(ramp), scales=2).item() == pytest.approx((1 + 2) / 2)
+
+
+def test_frame_pairs_come_from_one_clip_and_do_not_depend_on_the_split():
+    a = torch.zeros(6, 8, 8, 3, dtype=torch.uint8)
+    b = torch.full((4, 8, 8, 3), 200, dtype=torch.uint8)
+    pairs = FramePairs([a, b], seed=3, min_gap=2)
+    whole = pairs.batch(5, 8, 0, 8)
+    halves = [pairs.batch(5, 8, 0, 4), pairs.batch(5, 8, 4, 4)]
+    assert torch.equal(whole.source, torch.cat([h.source for h in halves]))
+    assert torch.equal(whole.driving, torch.cat([h.driving for h in halves]))
+    for j in range(8):
+        clip, s, d = pairs.pair(5, j)
+        assert abs(s - d) >= 2 and s < pairs.clips[clip].shape[0] and d < pairs.clips[clip].shape[0]
+        assert torch.equal(whole.source[j, 0, 0, 0], whole.driving[j, 0, 0, 0])  # same clip, same colour
+    moved = whole.to("cpu")
+    assert moved.source.dtype == torch.float32 and moved.source.min() >= -1 and moved.driving.max() <= 1
+    with pytest.raises(ValueError, match="two"):
+        FramePairs([a[:1]])
+    with pytest.raises(ValueError, match="uint8"):
+        FramePairs([a.float()])
+
+
+@pytest.mark.skipif(not USER_VIDEO.exists(), reason="needs ../shared/media/user.mp4")
+def test_short_run_on_user_video_lowers_reconstruction_error_and_loads(tmp_path):
+    from avatar_forcing.weights.loading import load_model
+
+    cfg = from_golden_dir(FOLDER)
+    size = cfg.motion.input_size
+    crops = crops_of_video(USER_VIDEO, size, max_frames=40)
+    assert crops.shape == (40, size, size, 3)
+    train, held = crops[:32], crops[32:]  # held-out frames of the same person
+    torch.manual_seed(0)
+    model = load_model(cfg, FOLDER / "small_weights.safetensors")
+    held_pairs = FramePairs([held], min_gap=1)
+    before = reconstruction_error(model.motion_autoencoder, held_pairs, count=8)
+    trainer = autoencoder_trainer(model, [train], quick(16, micro_batch=2, lr=3e-3, warmup=2, ema_decay=0.7),
+                                  tmp_path / "ae", min_gap=2)
+    history = trainer.run()
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert {"l1", "ssim", "gradient"} <= set(history[-1])
+
+    # The export: the auto-encoder alone under the official names, and a whole model that load_model takes.
+    alone = load_file(str(tmp_path / "ae" / AUTOENCODER_NAME))
+    assert set(alone) == {"motion_autoencoder." + k for k in model.motion_autoencoder.state_dict()}
+    loaded = load_model(cfg, tmp_path / "ae" / MODEL_NAME)
+    for name, value in trainer.ema.module.state_dict().items():
+        torch.testing.assert_close(loaded.motion_autoencoder.state_dict()[name], value)
+    after = reconstruction_error(loaded.motion_autoencoder, held_pairs, count=8)
+    print(f"held-out reconstruction L1: {before:.4f} -> {after:.4f}")
+    assert after < 0.9 * before
+
+
+def test_objective_is_zero_for_a_perfect_reconstruction_and_checks_crop_size(tmp_path):
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    parts = ReconstructionObjective().parts(x, x)
+    assert all(torch.allclose(v, torch.zeros(2), atol=1e-5) for v in parts.values())
+    cfg = from_golden_dir(FOLDER)
+    from avatar_forcing.model.avatar_forcing import build_model
+
+    model = build_model(cfg)
+    assert isinstance(Reconstruction(model.motion_autoencoder).enc, type(model.motion_autoencoder.enc))
+    with pytest.raises(ValueError, match="takes"):
+        autoencoder_trainer(model, [torch.zeros(4, 64, 64, 3, dtype=torch.uint8)], quick(1), tmp_path)
