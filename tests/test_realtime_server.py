@@ -117,3 +117,34 @@ def test_admission_under_a_slow_worker_keeps_the_admitted_session_in_real_time(t
     assert refused.status == 503 and refused.error["code"] == "overloaded"
     assert late == 0, f"{late} late blocks"
     assert fresh >= 20, f"the admitted session ran at {fresh:.1f} fresh frames/s"
+
+
+def test_a_worker_slower_than_real_time_skips_ahead_instead_of_queueing(tmp_path):
+    """Each step padded to 1.5 blocks per session, admission off (so the session is admitted anyway): the
+    engine skips stale input and generates from the newest, so block latency stays bounded and the frames
+    shown are fresh; without catch-up latency grew by 0.2 s every step (1.3-3.5 s p50 within seconds)."""
+    async def run():
+        with running_server(tmp_path, max_sessions=1, overload_admission="off", test_step_blocks=1.5) as server:
+            async with AvatarClient(server.base_url) as c:
+                await c.start(await c.upload_avatar((MEDIA_DIR / "rumi.jpg").read_bytes()),
+                              media=MEDIA_DIR / "user.mp4")
+                await wait_for(lambda: c.received.video_times, 60, "the first frame")
+                await asyncio.sleep(2)
+                t0 = time.monotonic()
+                await asyncio.sleep(10)
+                fresh = c.received.fresh_fps(time.monotonic() - t0)
+                info = await c.info()
+                await c.stop()
+        return fresh, info
+
+    fresh, info = asyncio.run(run())
+    stats, timings = info["stats"], info["timings"]
+    print(f"\nworker at 1.5x a block per step: block latency p50 {timings['block_latency_p50_ms']} ms, "
+          f"p99 {timings['block_latency_p99_ms']} ms; {fresh:.1f} fresh frames/s; "
+          f"{stats['engine_skip_aheads']} skip-aheads over {stats['engine_skipped_frames']} frames; "
+          f"playout delay {stats['playout_delay_seconds']} s")
+    assert stats["engine_skip_aheads"] > 0, "the engine never skipped ahead"
+    assert timings["block_latency_p99_ms"] < 2000, "block latency grows: stale blocks are being queued"
+    assert stats["playout_delay_seconds"] <= 1.5 + 1e-6
+    # At most 10 new frames per 0.6 s step can be shown (16.7/s); most of them must reach the peer.
+    assert fresh >= 10, f"only {fresh:.1f} fresh frames/s"
