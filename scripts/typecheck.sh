@@ -5,6 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python="${PYTHON:-.venv/bin/python}"
+# The check runs inside the link tree: a relative interpreter path (the Makefile passes one) must not break.
+case "$python" in */*) python="$(cd "$(dirname "$python")" && pwd)/$(basename "$python")" ;; esac
 tree=build/typecheck
 scripts/link-tree.sh "$tree"
 cd "$tree"
