@@ -71,6 +71,10 @@ ROWS: list[tuple[str, list[tuple[str, str, list[tuple[str, str]], dict]]]] = [
         ("Late blocks (first frame due before it was ready)", "percentunit", [
             (f"{rate('avatar_late_blocks_total')} / {rate('avatar_blocks_total')}", "late share"),
         ], {"threshold": 0.01}),
+        ("Catch-up: input the engine skipped because it fell behind", "none", [
+            (rate("avatar_engine_skipped_frames_total"), "frames skipped/s"),
+            (rate("avatar_engine_skip_aheads_total"), "skip-aheads/s"),
+        ], {}),
         ("Block latency by stage, p50", "s", [
             (quantile(0.5, "avatar_block_stage_seconds", "stage"), "{{stage}}"),
         ], {}),
