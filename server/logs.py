@@ -60,6 +60,16 @@ def resolve_format(fmt: str) -> str:
     return "text" if sys.stderr.isatty() else "json"
 
 
+class _StartupNoise(logging.Filter):
+    """Drops uvicorn's start-up announcements (they would claim a server that cannot serve yet)."""
+
+    PREFIXES = ("Uvicorn running on", "Started server process", "Waiting for application startup",
+                "Application startup complete")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.INFO or not record.getMessage().startswith(self.PREFIXES)
+
+
 def setup_logging(fmt: str = "auto", level: str = "info") -> None:
     fmt = resolve_format(fmt)
     handler = logging.StreamHandler()
@@ -84,6 +94,9 @@ def setup_logging(fmt: str = "auto", level: str = "info") -> None:
         logger = logging.getLogger(library)
         logger.handlers[:] = []
         logger.propagate = True
-    # uvicorn's "Uvicorn running on ..." comes before the model has loaded; our own "ready: serving ..."
-    # line says when the server is really usable. Its warnings and errors (a port in use) still show.
-    logging.getLogger("uvicorn.error").setLevel(max(logging.WARNING, root.level))
+    # uvicorn's start-up lines ("Uvicorn running on ...") come before the model has loaded; our own "ready:
+    # serving ..." line says when the server is really usable. Its other lines (WebSocket connections,
+    # warnings, a port in use) still show.
+    uvicorn_error = logging.getLogger("uvicorn.error")
+    uvicorn_error.filters[:] = [f for f in uvicorn_error.filters if not isinstance(f, _StartupNoise)]
+    uvicorn_error.addFilter(_StartupNoise())

@@ -46,6 +46,7 @@ AUDIO_FRAME_S = 0.02
 AUDIO_STALE_S = 0.12
 RELAX_AFTER_S = 2.0  # no late block for this long: the delay may come back towards its target
 RELAX_EVERY_S = 0.2  # ... one frame at a time, this often
+RELAX_WINDOW_S = 10.0  # ... and only while every block of this window would still have been on time
 MAX_GAPS = 16  # skipped spans remembered (older ones are behind playout anyway)
 
 
@@ -90,6 +91,9 @@ class Playout:
         self.last_frame = np.zeros((frame_size, frame_size, 3), dtype=np.uint8)
         self.last_late = -math.inf
         self._last_relax = -math.inf
+        # (arrival, earliness) of recent blocks: how long before its first frame's slot a block arrived,
+        # with no playout delay (its slack is earliness + delay). A lower delay must keep them all on time.
+        self._earliness: deque[tuple[float, float]] = deque()
         self.generated_until = 0  # end of the newest block pushed
         self.gaps: deque[tuple[int, int]] = deque(maxlen=MAX_GAPS)  # [start, stop) the engine skipped
         self.mute_before = 0  # barge-in: speech of frames before this was claimed before an interrupt
@@ -134,6 +138,10 @@ class Playout:
             return False
         now = self.clock()
         lateness = now - self.playout_time(block.first_frame)
+        if not block.lead_in:
+            self._earliness.append((now, -lateness - self.delay))
+            while self._earliness and self._earliness[0][0] < now - RELAX_WINDOW_S:
+                self._earliness.popleft()
         if lateness <= 0 or block.lead_in:
             self._relax(now)
             return False
@@ -143,10 +151,19 @@ class Playout:
         return True
 
     def _relax(self, now: float) -> None:
-        if (self.delay > self.target_delay and now - self.last_late > RELAX_AFTER_S
+        """Bring a raised delay back towards its target, a frame at a time, once no block has been late for
+        a while, and only as far as the recent blocks allow: lowering it below what they needed would
+        make the next ones late again (a delay that oscillates drops speech every few seconds)."""
+        if not (self.delay > self.target_delay and now - self.last_late > RELAX_AFTER_S
                 and now - self._last_relax > RELAX_EVERY_S):
-            self.delay = max(self.target_delay, self.delay - 1 / self.fps)
-            self._last_relax = now
+            return
+        lower = max(self.target_delay, self.delay - 1 / self.fps)
+        # The blocks since the last late one (that one raised the delay by what it needed).
+        needed = max((-e for at, e in self._earliness if at > self.last_late), default=-math.inf)
+        if lower < needed + 1 / self.fps:  # keep a frame of margin over the latest recent block
+            return
+        self.delay = lower
+        self._last_relax = now
 
     def _muted(self, block: PlayableBlock) -> PlayableBlock:
         """The block with the sound of frames before `mute_before` removed (its speech predates a barge-in)."""
@@ -210,7 +227,9 @@ class Playout:
             return self.last_frame
         self._relax(tick)
         due = self.playout_time(self.video_next)
-        if due < tick - 0.5 / self.fps:  # stale: skip to the frame playing now
+        # Stale: skip to the frame playing now. Not while its block is still being made: a late block is
+        # waited for (the picture holds), and its arrival raises the delay so that it plays whole.
+        if due < tick - 0.5 / self.fps and self.video_next < self.generated_until:
             target = math.floor((tick - self.origin_time - self.delay) * self.fps)
             self.video_dropped += target - self.video_next
             self.video_next = target
@@ -244,7 +263,7 @@ class Playout:
             self.audio_silent += samples
             return silence
         due = self.playout_time(self.audio_next / self.spf)
-        if due < tick - AUDIO_STALE_S:
+        if due < tick - AUDIO_STALE_S and self.audio_next < self.generated_until * self.spf:  # as video_frame
             target = math.floor((tick - self.origin_time - self.delay) * self.sample_rate)
             self.audio_dropped_s += (target - self.audio_next) / self.sample_rate
             self.audio_next = target

@@ -41,7 +41,7 @@ COST_EWMA = 0.2  # weight of the newest live step in the per-batch-size step tim
 class ModelWorker:
     def __init__(self, load_model: Callable[[], AvatarForcing], engine_settings: EngineSettings,
                  metrics: ServerMetrics, warmup_blocks: int = 3, cpu_threads: int | None = None,
-                 remeasure_idle_s: float = 30.0):
+                 remeasure_idle_s: float = 120.0):
         self._load_model = load_model
         self._cpu_threads = cpu_threads
         self._engine_settings = engine_settings
