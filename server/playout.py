@@ -47,6 +47,7 @@ AUDIO_STALE_S = 0.12
 RELAX_AFTER_S = 2.0  # no late block for this long: the delay may come back towards its target
 RELAX_EVERY_S = 0.2  # ... one frame at a time, this often
 RELAX_WINDOW_S = 10.0  # ... and only while every block of this window would still have been on time
+RELAX_MARGIN_S = 0.1  # ... this early (a step's jitter on a busy CPU; less would invite the next late block)
 MAX_GAPS = 16  # skipped spans remembered (older ones are behind playout anyway)
 
 
@@ -160,7 +161,7 @@ class Playout:
         lower = max(self.target_delay, self.delay - 1 / self.fps)
         # The blocks since the last late one (that one raised the delay by what it needed).
         needed = max((-e for at, e in self._earliness if at > self.last_late), default=-math.inf)
-        if lower < needed + 1 / self.fps:  # keep a frame of margin over the latest recent block
+        if lower < needed + RELAX_MARGIN_S:
             return
         self.delay = lower
         self._last_relax = now

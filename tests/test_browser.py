@@ -249,8 +249,14 @@ def test_conversation_through_the_page(server, browser, avatar_id):
         return state if state["state"] == "live" and state["sessionId"] else None
 
     # Speech cannot be given before the avatar is there: the buttons wait for "live".
-    while js("return avatarDemo.state().state") in ("starting", "connecting"):
-        assert speech_buttons_enabled(driver) == [False, False, False], js("return avatarDemo.state()")
+    # State and buttons are read in one script, so a session going live between two reads is no false alarm.
+    read_both = ("return [avatarDemo.state().state, "
+                 "['speech-send', 'test-phrase', 'interrupt'].map(id => !document.getElementById(id).disabled)]")
+    while True:
+        page_state, enabled = js(read_both)
+        if page_state not in ("starting", "connecting"):
+            break
+        assert enabled == [False, False, False], (page_state, enabled)
         time.sleep(0.05)
     state = wait_for("the conversation live", live, 20, context=context)
     session_id = state["sessionId"]
