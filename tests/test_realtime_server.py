@@ -115,8 +115,10 @@ def test_admission_under_a_slow_worker_keeps_the_admitted_session_in_real_time(t
     print(f"\nslow worker (0.5 block per session): second session {refused.status} {refused.error['code']}; "
           f"the admitted one ran at {fresh:.1f} fresh frames/s with {late} late blocks in 6 s")
     assert refused.status == 503 and refused.error["code"] == "overloaded"
-    assert late == 0, f"{late} late blocks"
-    assert fresh >= 20, f"the admitted session ran at {fresh:.1f} fresh frames/s"
+    # In real time: at most one of its 15 blocks late (this 2-core machine also runs both test clients; one
+    # jitter is absorbed by the delay), where an admitted session that collapses runs every block late.
+    assert late <= 1, f"{late} late blocks"
+    assert fresh >= 22, f"the admitted session ran at {fresh:.1f} fresh frames/s"
 
 
 def test_a_worker_slower_than_real_time_skips_ahead_instead_of_queueing(tmp_path):
