@@ -104,20 +104,25 @@ def test_admission_under_a_slow_worker_keeps_the_admitted_session_in_real_time(t
                 with pytest.raises(ApiError) as refused:
                     await second.start(avatar, media=MEDIA_DIR / "user.mp4")
                 t0 = time.monotonic()
-                late0 = (await first.info())["stats"]["late_blocks"]
+                before = (await first.info())["stats"]
                 await asyncio.sleep(6)
                 fresh = first.received.fresh_fps(time.monotonic() - t0)
-                late = (await first.info())["stats"]["late_blocks"] - late0
+                info = await first.info()
                 await first.stop()
-            return refused.value, fresh, late
+            return refused.value, fresh, before, info
 
-    refused, fresh, late = asyncio.run(run())
+    refused, fresh, before, info = asyncio.run(run())
+    stats, p99 = info["stats"], info["timings"]["block_latency_p99_ms"]
+    late = stats["late_blocks"] - before["late_blocks"]
+    skipped = stats["engine_skip_aheads"] - before["engine_skip_aheads"]
     print(f"\nslow worker (0.5 block per session): second session {refused.status} {refused.error['code']}; "
-          f"the admitted one ran at {fresh:.1f} fresh frames/s with {late} late blocks in 6 s")
+          f"the admitted one ran at {fresh:.1f} fresh frames/s, block latency p99 {p99} ms, {skipped} skip-aheads, "
+          f"{late} blocks later than the playout delay in 6 s")
     assert refused.status == 503 and refused.error["code"] == "overloaded"
-    # In real time: at most one of its 15 blocks late (this 2-core machine also runs both test clients; one
-    # jitter is absorbed by the delay), where an admitted session that collapses runs every block late.
-    assert late <= 1, f"{late} late blocks"
+    # In real time: never a block behind its input (catch-up would skip ahead) and every frame fresh. A block
+    # may still miss the 300 ms the playout delay leaves after a 200 ms step (the delay absorbs it), and block
+    # latency includes the wait for the microphone's packets: neither says whether the session keeps up.
+    assert skipped == 0, f"{skipped} skip-aheads: the session fell behind its input"
     assert fresh >= 22, f"the admitted session ran at {fresh:.1f} fresh frames/s"
 
 
