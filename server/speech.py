@@ -159,10 +159,7 @@ class SpeechInputs(LiveInputs):
         with self._speech_lock:
             super().skip(first, count)
             at, by = first * self.playback_spf, count * self.playback_spf
-            pending = self.playback.read(at, self.playback.end)
-            self.playback.truncate(at)
-            if np.any(pending):
-                self.playback.write(at + by, pending)
+            self.playback.shift(at, by)
             self.utterances.shift(at, by)
 
     def avatar_audio(self, start: int, stop: int) -> np.ndarray:

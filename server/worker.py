@@ -24,7 +24,7 @@ import torch
 
 from avatar_forcing.model.avatar_forcing import AvatarForcing
 from avatar_forcing.model.cpus import usable_cpus
-from avatar_forcing.model.engine import BlockOutput, EngineSettings, StreamingEngine
+from avatar_forcing.model.engine import BlockOutput, EngineSettings, Session, StreamingEngine
 
 from .metrics import ServerMetrics
 
@@ -286,38 +286,52 @@ class ModelWorker:
         size = cfg.motion.input_size
         rng = np.random.default_rng(0)
         seconds = (2 + self._warmup_blocks * 2) * cfg.transformer.block_frames / cfg.fps + 2
-        opened = []
+        opened: list[Session] = []
+        # The throwaway sessions run on their own clock, which advances one block per step from their open
+        # time: each step then finds exactly one block of each due and none behind real time, so catch-up
+        # never skips them. A live block is due max_wait_frames after its last input frame (the wait for
+        # late microphone audio; these sessions have none); the priming window's last input frame is
+        # clip_frames - lead-in after the open (0 with a lead-in), block k's k blocks later. Half a frame
+        # more keeps float rounding from making a step fall just short.
+        live = engine.live_settings
+        due_frames = cfg.transformer.clip_frames - live.lead_in_frames + live.max_wait_frames + 0.5
+        blocks_run = 0  # steps taken on this clock
+
+        def step() -> float:
+            """One engine step on that clock; returns how long it took."""
+            nonlocal blocks_run
+            t0 = time.perf_counter()
+            outputs = self._engine_step(now=blocks_run * self._block_s + due_frames / cfg.fps)
+            took = time.perf_counter() - t0
+            blocks_run += 1
+            # The timings are per block: every open throwaway session must have made exactly one.
+            advanced = sorted(out.session_id for out in outputs if not out.skipped_frames)
+            if advanced != sorted(session.id for session in opened):
+                raise RuntimeError(f"a measurement step advanced {advanced}, not each of the open sessions once")
+            return took
 
         def add(name: str) -> None:
             inputs = engine.new_live_inputs()
-            session = engine.open_session(self._probe_portrait, inputs=inputs, seed=0, now=-1e6, session_id=name)
+            session = engine.open_session(self._probe_portrait, inputs=inputs, seed=0,
+                                          now=blocks_run * self._block_s, session_id=name)
             speech = 0.05 * rng.standard_normal(int(seconds * cfg.sampling_rate))
             inputs.push_speech(speech.astype(np.float32))
             for j in range(int(seconds * cfg.fps)):  # webcam crops, so the motion encoder runs too
                 inputs.push_user_crop(rng.integers(0, 255, (size, size, 3), dtype=np.uint8), j / cfg.fps)
             opened.append(session)
-            self._engine_step(now=1e9)  # its priming block
+            step()  # its priming block
 
         def timed_steps() -> float:
-            times = []
-            for _ in range(self._warmup_blocks):
-                t0 = time.perf_counter()
-                self._engine_step(now=1e9)
-                times.append(time.perf_counter() - t0)
-            return min(times)
+            return min(step() for _ in range(self._warmup_blocks))
 
-        # The throwaway sessions step as fast as they can (now=1e9): catch-up must not skip them ahead
-        # (it would move their queued speech a billion seconds on).
-        max_lag, engine.scheduler.max_lag_frames = engine.scheduler.max_lag_frames, None
         try:
             add("warm-up-1")
-            self._engine_step(now=1e9)  # first streaming shapes
+            step()  # first streaming shapes
             self._step_time = {1: timed_steps()}
             if engine.pool.capacity >= 2:  # one slot (MAX_SESSIONS=1): no batching to measure
                 add("warm-up-2")
                 self._step_time[2] = timed_steps()
         finally:
-            engine.scheduler.max_lag_frames = max_lag
             for session in opened:
                 engine.close_session(session.id)
         if 2 not in self._step_time:

@@ -8,6 +8,7 @@ the reason elsewhere.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from aiortc import RTCPeerConnection
 from golden_data import MEDIA_DIR, golden_folders
 
 RTC_HOST = "127.0.0.2"
@@ -122,3 +124,20 @@ def running_server(tmp: Path, **settings):
         yield server
     finally:
         server.stop()
+
+
+def offer_sdp(direction: str = "sendrecv") -> str:
+    """A real aiortc offer with one audio and one video transceiver in `direction` ("sendrecv": a peer that
+    sends its camera and microphone, "recvonly": one that only watches). Only the SDP text is used: the
+    peer connection is closed before the offer goes anywhere."""
+
+    async def make() -> str:
+        pc = RTCPeerConnection()
+        pc.addTransceiver("audio", direction=direction)
+        pc.addTransceiver("video", direction=direction)
+        await pc.setLocalDescription(await pc.createOffer())
+        sdp = pc.localDescription.sdp
+        await pc.close()
+        return sdp
+
+    return asyncio.run(make())

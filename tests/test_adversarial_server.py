@@ -20,9 +20,8 @@ from pathlib import Path
 import httpx
 import pytest
 import websockets
-from aiortc import RTCPeerConnection
 from golden_data import MEDIA_DIR
-from server_harness import needs_golden, needs_media, needs_rtc_host, running_server
+from server_harness import needs_golden, needs_media, needs_rtc_host, offer_sdp, running_server
 
 from avatar_forcing.server.client import AvatarClient
 
@@ -70,16 +69,6 @@ def avatar_id(server):
 
 def post(server, path: str, **kw) -> httpx.Response:
     return httpx.post(server.base_url + path, headers={**AUTH, **kw.pop("headers", {})}, timeout=60, **kw)
-
-
-async def offer_sdp() -> str:
-    pc = RTCPeerConnection()
-    pc.addTransceiver("audio", direction="recvonly")
-    pc.addTransceiver("video", direction="recvonly")
-    await pc.setLocalDescription(await pc.createOffer())
-    sdp = pc.localDescription.sdp
-    await pc.close()
-    return sdp
 
 
 def peak_rss_kb(server) -> int:
@@ -132,7 +121,7 @@ def test_pixel_bombs_are_refused_from_their_header_without_decoding(server):
 
 
 def test_seed_out_of_range_is_refused_and_does_not_take_the_only_slot(server, avatar_id):
-    sdp = asyncio.run(offer_sdp())
+    sdp = offer_sdp("recvonly")
     for seed in (2**64, -1):
         r = post(server, "/v1/sessions", json={"sdp": sdp, "avatar_id": avatar_id, "options": {"seed": seed}})
         assert r.status_code == 422 and "seed" in r.text, r.text
@@ -144,7 +133,7 @@ def test_seed_out_of_range_is_refused_and_does_not_take_the_only_slot(server, av
                                         ("m=video 9 UDP/TLS/RTP/SAVPF", "format"),
                                         ("m=video x UDP/TLS/RTP/SAVPF 96", "port")])
 def test_offers_with_malformed_media_lines_get_400_saying_why(server, avatar_id, mline, why):
-    sdp = asyncio.run(offer_sdp())
+    sdp = offer_sdp("recvonly")
     lines = sdp.splitlines()
     index = next(i for i, line in enumerate(lines) if line.startswith("m=video"))
     lines[index] = mline

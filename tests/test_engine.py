@@ -10,6 +10,7 @@ from golden_data import model_folders, relative_l2, small_model
 from avatar_forcing.model.config import from_golden_dir
 from avatar_forcing.model.engine import EngineSettings, LiveSettings, PoolFullError, StreamingEngine
 from avatar_forcing.model.engine.clock import TimestampMapper
+from avatar_forcing.model.engine.timeline import AudioTrack
 
 # Rates and sizes come from the configuration of the folder under test (every folder in
 # AVATAR_FORCING_GOLDEN, one after the other): `folder` below sets them before that folder's tests run.
@@ -332,6 +333,26 @@ def test_speech_pushed_while_a_block_is_in_flight_starts_after_it(model):
 
 
 # -- catch-up, failed opens, frame marking ----------------------------------------------------------------
+
+
+def test_audio_track_shift_moves_queued_samples_later_and_leaves_silence():
+    """The move catch-up makes: samples from pos on are said `by` samples later, the gap reads as silence."""
+    track = AudioTrack()
+    track.write(0, np.arange(1, 11, dtype=np.float32))  # samples 1..10 at positions 0-9
+    track.shift(4, 3)
+    expected = [1, 2, 3, 4, 0, 0, 0, 5, 6, 7, 8, 9, 10, 0, 0]
+    assert track.read(0, 15).tolist() == expected
+    assert track.end == 13
+    track.shift(13, 5)  # at the end of what is queued: nothing to move
+    track.shift(40, 5)  # past it: the same
+    assert track.read(0, 15).tolist() == expected and track.end == 13
+    track.shift(2, 0)  # by nothing: unchanged
+    assert track.read(0, 15).tolist() == expected and track.end == 13
+    # Only silence queued from pos on: it is dropped rather than moved, so the queue ends at pos.
+    quiet = AudioTrack()
+    quiet.write(0, np.array([1, 2, 0, 0, 0], np.float32))
+    quiet.shift(2, 4)
+    assert quiet.end == 2 and quiet.read(0, 10).tolist() == [1, 2] + [0] * 8
 
 
 def test_a_session_behind_real_time_skips_to_its_newest_input(model):

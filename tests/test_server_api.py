@@ -13,10 +13,9 @@ import httpx
 import numpy as np
 import pytest
 import websockets
-from aiortc import RTCPeerConnection
 from golden_data import MEDIA_DIR
 from media_files import wav_bytes
-from server_harness import needs_golden, needs_media, running_server
+from server_harness import needs_golden, needs_media, offer_sdp, running_server
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 pytestmark = [needs_golden, needs_media]
@@ -45,19 +44,6 @@ def avatar_id(http):
     r = http.post("/v1/avatars", content=(MEDIA_DIR / "rumi.jpg").read_bytes(), headers={"content-type": "image/jpeg"})
     assert r.status_code == 201, r.text
     return r.json()["avatar_id"]
-
-
-def real_offer() -> str:
-    async def make():
-        pc = RTCPeerConnection()
-        pc.addTransceiver("audio", direction="sendrecv")
-        pc.addTransceiver("video", direction="sendrecv")
-        await pc.setLocalDescription(await pc.createOffer())
-        sdp = pc.localDescription.sdp
-        await pc.close()
-        return sdp
-
-    return asyncio.run(make())
 
 
 def assert_error(r: httpx.Response, status: int, code: str | None = None) -> dict:
@@ -147,7 +133,7 @@ def test_oversized_upload_is_refused(http):
 
 def test_unknown_avatar(http):
     assert_error(http.get("/v1/avatars/nope/image"), 404, "unknown_avatar")
-    assert_error(http.post("/v1/sessions", json={"sdp": real_offer(), "type": "offer", "avatar_id": "nope"}),
+    assert_error(http.post("/v1/sessions", json={"sdp": offer_sdp(), "type": "offer", "avatar_id": "nope"}),
                  404, "unknown_avatar")
 
 
@@ -161,20 +147,20 @@ def test_malformed_sdp(http, avatar_id):
 
 @pytest.mark.parametrize("fraction", [0.2, 0.5, 0.8])
 def test_truncated_sdp(http, avatar_id, fraction):
-    sdp = real_offer()
+    sdp = offer_sdp()
     cut = sdp[: int(len(sdp) * fraction)]
     assert_error(http.post("/v1/sessions", json={"sdp": cut, "type": "offer", "avatar_id": avatar_id}), 400, "bad_sdp")
 
 
 def test_offer_without_video(http, avatar_id):
-    sdp = real_offer()
+    sdp = offer_sdp()
     audio_only = sdp[: sdp.index("m=video")]
     assert_error(http.post("/v1/sessions", json={"sdp": audio_only, "type": "offer", "avatar_id": avatar_id}),
                  400, "bad_sdp")
 
 
 def test_answer_instead_of_offer(http, avatar_id):
-    assert_error(http.post("/v1/sessions", json={"sdp": real_offer(), "type": "answer", "avatar_id": avatar_id}),
+    assert_error(http.post("/v1/sessions", json={"sdp": offer_sdp(), "type": "answer", "avatar_id": avatar_id}),
                  400, "bad_sdp")
 
 
@@ -187,7 +173,7 @@ def test_session_request_of_the_wrong_shape(http):
 
 
 def test_session_with_a_portrait_upload_in_the_same_request(http):
-    r = http.post("/v1/sessions", data={"sdp": real_offer(), "type": "offer"},
+    r = http.post("/v1/sessions", data={"sdp": offer_sdp(), "type": "offer"},
                   files={"image": ("rumi.jpg", (MEDIA_DIR / "rumi.jpg").read_bytes(), "image/jpeg")})
     assert r.status_code == 201, r.text
     body = r.json()
@@ -206,7 +192,7 @@ def test_unknown_session_ids(http, method, path):
 
 @pytest.fixture()
 def session_id(http, avatar_id):
-    r = http.post("/v1/sessions", json={"sdp": real_offer(), "type": "offer", "avatar_id": avatar_id})
+    r = http.post("/v1/sessions", json={"sdp": offer_sdp(), "type": "offer", "avatar_id": avatar_id})
     assert r.status_code == 201, r.text
     sid = r.json()["session_id"]
     yield sid
@@ -313,10 +299,10 @@ def test_more_sessions_than_capacity(http, avatar_id, server):
     opened = []
     try:
         for _ in range(2):
-            r = http.post("/v1/sessions", json={"sdp": real_offer(), "type": "offer", "avatar_id": avatar_id})
+            r = http.post("/v1/sessions", json={"sdp": offer_sdp(), "type": "offer", "avatar_id": avatar_id})
             assert r.status_code == 201, r.text
             opened.append(r.json()["session_id"])
-        r = http.post("/v1/sessions", json={"sdp": real_offer(), "type": "offer", "avatar_id": avatar_id})
+        r = http.post("/v1/sessions", json={"sdp": offer_sdp(), "type": "offer", "avatar_id": avatar_id})
         assert_error(r, 503, "at_capacity")
         assert int(r.headers["retry-after"]) > 0
         ready = httpx.get(server.base_url + "/readyz")
@@ -345,7 +331,7 @@ def test_openapi_schema_lists_every_route(http):
 
 
 def test_ended_session_stays_visible_and_delete_is_idempotent(http, avatar_id):
-    r = http.post("/v1/sessions", json={"sdp": real_offer(), "type": "offer", "avatar_id": avatar_id})
+    r = http.post("/v1/sessions", json={"sdp": offer_sdp(), "type": "offer", "avatar_id": avatar_id})
     sid = r.json()["session_id"]
     assert http.get(f"/v1/sessions/{sid}").json()["state"] == "connecting"
     assert http.delete(f"/v1/sessions/{sid}").status_code == 204
@@ -369,7 +355,7 @@ def test_admission_predicts_overload_from_the_measured_session_cost(tmp_path):
                      headers={"content-type": "image/jpeg"}).json()["avatar_id"]
         admitted, refusal = 0, None
         for _ in range(17):
-            r = c.post("/v1/sessions", json={"sdp": real_offer(), "type": "offer", "avatar_id": aid})
+            r = c.post("/v1/sessions", json={"sdp": offer_sdp(), "type": "offer", "avatar_id": aid})
             if r.status_code != 201:
                 refusal = r
                 break

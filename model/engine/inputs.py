@@ -243,10 +243,7 @@ class LiveInputs:
 
     def skip(self, first: int, count: int) -> None:
         with self._speech_lock:
-            pending = self.avatar.read(first * self.spf, self.avatar.end)
-            self.avatar.truncate(first * self.spf)
-            if np.any(pending):
-                self.avatar.write((first + count) * self.spf, pending)
+            self.avatar.shift(first * self.spf, count * self.spf)
             self.next_frame = max(self.next_frame, first + count)
 
     def avatar_audio(self, start: int, stop: int) -> np.ndarray:

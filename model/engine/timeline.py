@@ -65,6 +65,17 @@ class AudioTrack:
                 self._buf[keep:] = 0
                 self.end = max(pos, self._base)
 
+    def shift(self, pos: int, by: int) -> None:
+        """Move everything queued from pos on `by` samples later, leaving silence in [pos, pos + by)
+        (the engine skipped those samples to catch up: what was to be said there is said after them).
+
+        Not atomic against concurrent writes: callers hold their own lock around it and their writes.
+        """
+        pending = self.read(pos, self.end)
+        self.truncate(pos)
+        if np.any(pending):  # only silence queued: nothing to move, and the end stays at pos
+            self.write(pos + by, pending)
+
     def mark_consumed(self, pos: int, keep: int) -> None:
         """Samples before pos are final; keep only the last `keep` of them for feature windows."""
         with self._lock:
