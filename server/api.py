@@ -33,6 +33,7 @@ from .metrics import ServerMetrics
 from .sessions import OVERLOAD_ON, SessionManager
 from .speech import parse_sample_rate, test_phrase, wav_body
 from .turn import ice_servers
+from .video import VideoEncoding
 from .worker import ModelWorker
 
 WEB_DIR = Path(__file__).parent / "web"
@@ -55,6 +56,7 @@ class AppContext:
     avatars: AvatarStore
     executor: Executor
     sample_rate: int
+    video: VideoEncoding
 
 
 def ctx_of(request: Request) -> AppContext:

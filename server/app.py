@@ -27,6 +27,7 @@ from .config import ServerSettings
 from .errors import install_error_handlers
 from .metrics import ServerMetrics
 from .sessions import SessionManager
+from .video import VideoEncoding
 from .worker import ModelWorker
 
 log = logging.getLogger("avatar_forcing.server")
@@ -86,11 +87,19 @@ def create_app(settings: ServerSettings | None = None, *,
     executor = ThreadPoolExecutor(max_workers=min(8, 2 * usable_cpus()), thread_name_prefix="media")
     sessions = SessionManager(settings, worker, metrics, executor, model_cfg.fps, model_cfg.sampling_rate)
     avatars = AvatarStore(model_cfg.motion.input_size, settings.max_avatars)
-    ctx = AppContext(settings, metrics, worker, sessions, avatars, executor, model_cfg.sampling_rate)
+    video = VideoEncoding(settings, metrics)
+    sessions.prepare_offer = video.prefer
+    ctx = AppContext(settings, metrics, worker, sessions, avatars, executor, model_cfg.sampling_rate, video)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        # aiortc encodes every frame (video and Opus) in the loop's default executor. Python's default has
+        # cores + 4 threads: a few slow video encodes (or sessions waiting on a busy media process) would
+        # hold them all and starve every session's audio. Waiting threads cost no CPU; give each session two.
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(max_workers=2 * settings.max_sessions + 4, thread_name_prefix="codec"))
         worker.start()
+        await asyncio.get_running_loop().run_in_executor(None, video.start)
         sessions.start()
         lag_task = asyncio.get_running_loop().create_task(watch_loop_lag(ctx))
         # "Serving" only once the model has loaded and been measured: until then the page and /readyz
@@ -110,6 +119,7 @@ def create_app(settings: ServerSettings | None = None, *,
             lag_task.cancel()
             await asyncio.gather(lag_task, ready_task, return_exceptions=True)
             await asyncio.get_running_loop().run_in_executor(None, worker.stop)
+            await asyncio.get_running_loop().run_in_executor(None, video.stop)
             executor.shutdown(wait=True, cancel_futures=True)
             log.info("stopped")
 

@@ -112,6 +112,9 @@ def run_serve(args: argparse.Namespace) -> int:
                                        log_format=args.log_format, tls_cert=args.tls_cert, tls_key=args.tls_key)
     setup_logging(settings.log_format, settings.log_level)
     log.info("model: %s", check_model(settings))
+    from .video_codecs import h264_backend
+
+    h264_backend(settings.video_encoder)  # 'nvenc' where it cannot work stops here, with the reason
     from .app import create_app
 
     app = create_app(settings)

@@ -27,6 +27,10 @@ class ServerSettings:
     cpu_threads: int | None = None  # torch's CPU threads; default: all cores but one (kept for media work)
     precision: str = "auto"  # auto (bfloat16 on a GPU, float32 on a CPU), float32 or bfloat16
     compile: bool = False  # torch.compile the transformer (CUDA graphs per batch bucket on a GPU)
+    # Video compression: 'auto' takes NVENC for H.264 where the GPU has it, 'cpu' never, 'nvenc' must have it
+    video_encoder: str = "auto"
+    video_codec: str = "auto"  # codec answers prefer: auto (H.264 with NVENC, else the client's order), h264, vp8
+    media_processes: int | None = None  # processes that encode video (0: codec threads; default: 1 per 4 cores)
     # Access
     auth_token: str | None = None  # when set, every /v1 route needs "Authorization: Bearer <token>"
     cors_origins: list[str] = field(default_factory=list)  # e.g. https://app.example.com; "*" for any
@@ -71,6 +75,12 @@ class ServerSettings:
             raise UserError("AVATAR_FORCING_MAX_SESSIONS must be at least 1")
         if self.precision not in ("auto", "float32", "bfloat16"):
             raise UserError("AVATAR_FORCING_PRECISION must be auto, float32 or bfloat16")
+        if self.video_encoder not in ("auto", "cpu", "nvenc"):
+            raise UserError("AVATAR_FORCING_VIDEO_ENCODER must be 'auto', 'cpu' or 'nvenc'")
+        if self.video_codec not in ("auto", "h264", "vp8"):
+            raise UserError("AVATAR_FORCING_VIDEO_CODEC must be 'auto', 'h264' or 'vp8'")
+        if self.media_processes is not None and not 0 <= self.media_processes <= 64:
+            raise UserError("AVATAR_FORCING_MEDIA_PROCESSES must be 0-64 (0: encode in the server process)")
         if self.overload_admission not in ("predict", "off"):
             raise UserError("AVATAR_FORCING_OVERLOAD_ADMISSION must be 'predict' or 'off'")
         if self.log_format not in ("auto", "json", "text"):

@@ -1,6 +1,7 @@
 """`avatar-forcing loadtest`: real WebRTC clients against a running server.
 
-For each session count N: N clients send a media file as webcam + microphone and receive the avatar; over a
+For each session count N: N clients send a media file as webcam + microphone (or, without --media, only
+receive, which leaves more of a shared machine's CPU to the server) and receive the avatar; over a
 measurement window it reports the frame rate each client receives, the share of fresh frames (not repeats
 of a late block), late blocks, and the server's event-loop lag. Then it opens and closes sessions many
 times and reports the server's memory, threads and tasks after the first cycle and after the last.
@@ -24,7 +25,26 @@ def metric(text: str, name: str, labels: str = "") -> float | None:
     return None
 
 
-async def measure(url: str, token: str | None, avatar: str, media: Path, n: int, seconds: float) -> dict:
+def encode_ms(before: str, after: str) -> float | None:
+    """Mean compression time of a video frame between two scrapes, wherever it ran (codec thread or media
+    process), in milliseconds."""
+    total = count = 0.0
+    for where in ("thread", "process"):
+        labels = f'where="{where}"'
+        s0, s1 = (metric(t, "avatar_video_encode_seconds_sum", labels) for t in (before, after))
+        n0, n1 = (metric(t, "avatar_video_encode_seconds_count", labels) for t in (before, after))
+        if None not in (s0, s1, n0, n1):
+            total += s1 - s0  # type: ignore[operator]
+            count += n1 - n0  # type: ignore[operator]
+    return 1000 * total / count if count else None
+
+
+def cpu_seconds(before: str, after: str) -> float:
+    """CPU the server's own process used between two scrapes (its media processes not included)."""
+    return (metric(after, "process_cpu_seconds_total") or 0) - (metric(before, "process_cpu_seconds_total") or 0)
+
+
+async def measure(url: str, token: str | None, avatar: str, media: Path | None, n: int, seconds: float) -> dict:
     clients = [AvatarClient(url, token) for _ in range(n)]
     try:
         for i, c in enumerate(clients):
@@ -38,6 +58,8 @@ async def measure(url: str, token: str | None, avatar: str, media: Path, n: int,
         except TimeoutError:
             raise RuntimeError("sessions did not start streaming within 30 s") from None
         await asyncio.sleep(3.0)  # past the lead-in
+        async with httpx.AsyncClient(timeout=10) as http:
+            text_before = (await http.get(url + "/metrics")).text
         before = [(await c.info())["stats"] for c in clients]
         await asyncio.sleep(seconds)
         after = [(await c.info())["stats"] for c in clients]
@@ -55,7 +77,8 @@ async def measure(url: str, token: str | None, avatar: str, media: Path, n: int,
                 "busy": metric(text, "avatar_worker_utilisation"),
                 "lag_p50": metric(text, "avatar_event_loop_lag_window_seconds", 'stat="p50"'),
                 "lag_p99": metric(text, "avatar_event_loop_lag_window_seconds", 'stat="p99"'),
-                "delay": [a["playout_delay_seconds"] for a in after]}
+                "delay": [a["playout_delay_seconds"] for a in after],
+                "encode_ms": encode_ms(text_before, text), "cpu": cpu_seconds(text_before, text) / seconds}
     finally:
         for c in clients:
             await c.stop()
@@ -103,12 +126,13 @@ async def run(args) -> int:
     url = args.url.rstrip("/")
     async with AvatarClient(url, args.token) as c:
         avatar = await c.upload_avatar(await asyncio.to_thread(Path(args.portrait).read_bytes))
-    print(f"load test of {url}: media {args.media}, {args.seconds:.0f} s windows")
+    print(f"load test of {url}: clients {'send ' + args.media if args.media else 'only receive'}, "
+          f"{args.seconds:.0f} s windows")
     print(f"{'N':>3} {'fps per session (received)':<34}{'fresh frames':>14}{'late blocks':>12}"
-          f"{'loop lag p50':>14}{'p99':>8}{'delay s':>9}{'worker busy':>13}")
+          f"{'loop lag p50':>14}{'p99':>8}{'delay s':>9}{'worker busy':>13}{'encode ms':>11}{'server cores':>14}")
     held = 0
     for n in [int(x) for x in args.sessions]:
-        r = await measure(url, args.token, avatar, Path(args.media), n, args.seconds)
+        r = await measure(url, args.token, avatar, Path(args.media) if args.media else None, n, args.seconds)
         if "refused" in r:
             print(f"{n:>3} {r['refused']}")
             break
@@ -116,7 +140,8 @@ async def run(args) -> int:
         held = n if ok and n > held else held
         print(f"{n:>3} {' '.join(f'{f:.1f}' for f in r['fps']):<34}{min(r['fresh']):>13.0%} {r['late_blocks']:>11}"
               f"{1000 * r['lag_p50']:>12.1f}ms{1000 * r['lag_p99']:>6.1f}ms{max(r['delay']):>9.2f}"
-              f"{r['busy']:>12.0%}")
+              f"{r['busy']:>12.0%}{'n/a' if r['encode_ms'] is None else format(r['encode_ms'], '.2f'):>11}"
+              f"{r['cpu']:>14.2f}")
         await asyncio.sleep(6)  # let the worker's utilisation window forget this round
     print(f"sessions held at full frame rate (>= 24 fps received, >= 95% of them fresh): {held}")
     if args.cycles:
@@ -132,7 +157,8 @@ def add_loadtest_command(subparsers) -> None:
     p.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.2:8080")
     p.add_argument("--token", help="bearer token, when the server wants one")
     p.add_argument("--portrait", required=True, help="portrait image to upload")
-    p.add_argument("--media", required=True, help="video file with audio, played as each client's webcam + mic")
+    p.add_argument("--media", help="video file with audio, played as each client's webcam + mic (default: clients "
+                                   "only receive)")
     p.add_argument("--sessions", nargs="+", default=[1, 2, 3, 4], help="session counts to try")
     p.add_argument("--seconds", type=float, default=10.0, help="measurement window per count")
     p.add_argument("--cycles", type=int, default=100, help="open/close cycles for the memory check (0: skip)")

@@ -13,6 +13,7 @@ from avatar_forcing.model.engine import STAGES
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0, 1.5, 2.5, 5.0)
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+ENCODE_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.006, 0.008, 0.012, 0.016, 0.025, 0.04, 0.08, 0.16)
 OFFSET_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64)
 
 
@@ -68,6 +69,13 @@ class ServerMetrics:
         self.input_dropped = Counter("avatar_input_dropped_total", "Client media arriving too late to use",
                                      ["kind"], registry=r)
         # Event loop and device
+        self.video_encode_seconds = Histogram("avatar_video_encode_seconds", "Compression time of one video "
+                                              "frame (where: thread = a codec thread of the server, process = "
+                                              "a media process)", ["where"], buckets=ENCODE_BUCKETS, registry=r)
+        self.video_encode_overhead = Histogram("avatar_video_encode_ipc_seconds", "What handing a frame to a media "
+                                               "process and back adds to its compression time",
+                                               buckets=ENCODE_BUCKETS, registry=r)
+        self.media_processes = Gauge("avatar_media_processes", "Media processes alive (video encoding)", registry=r)
         self.loop_lag = Histogram("avatar_event_loop_lag_seconds", "Event loop scheduling delay",
                                   buckets=LAG_BUCKETS, registry=r)
         self.loop_lag_window = Gauge("avatar_event_loop_lag_window_seconds",

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Executor
 
 from . import session as session_module
@@ -35,6 +36,7 @@ class SessionManager:
         self.draining = False
         self.ended: dict[str, tuple[float, dict]] = {}  # recently ended: when, final snapshot
         self._housekeeping: asyncio.Task | None = None
+        self.prepare_offer: Callable[[str], str] = lambda sdp: sdp  # e.g. the preferred video codec first
 
     @property
     def free(self) -> int:
@@ -80,7 +82,7 @@ class SessionManager:
         self.sessions[session.id] = session  # holds the capacity while negotiating
         self._update_gauges()
         try:
-            answer = await session.negotiate(sdp, kind)
+            answer = await session.negotiate(self.prepare_offer(sdp), kind)
         except ApiError:
             self.metrics.sessions_rejected.labels("bad_offer").inc()
             await session.close("bad_offer")
