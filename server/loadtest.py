@@ -10,6 +10,7 @@ times and reports the server's memory, threads and tasks after the first cycle a
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import httpx
@@ -60,12 +61,14 @@ async def measure(url: str, token: str | None, avatar: str, media: Path | None, 
         await asyncio.sleep(3.0)  # past the lead-in
         async with httpx.AsyncClient(timeout=10) as http:
             text_before = (await http.get(url + "/metrics")).text
+        scraped_at = time.monotonic()
         before = [(await c.info())["stats"] for c in clients]
         await asyncio.sleep(seconds)
         after = [(await c.info())["stats"] for c in clients]
         fps = [c.received.fps(seconds) for c in clients]
         async with httpx.AsyncClient(timeout=10) as http:
             text = (await http.get(url + "/metrics")).text
+        between = time.monotonic() - scraped_at
         fresh = []
         late = 0
         for b, a in zip(before, after, strict=True):
@@ -78,7 +81,7 @@ async def measure(url: str, token: str | None, avatar: str, media: Path | None, 
                 "lag_p50": metric(text, "avatar_event_loop_lag_window_seconds", 'stat="p50"'),
                 "lag_p99": metric(text, "avatar_event_loop_lag_window_seconds", 'stat="p99"'),
                 "delay": [a["playout_delay_seconds"] for a in after],
-                "encode_ms": encode_ms(text_before, text), "cpu": cpu_seconds(text_before, text) / seconds}
+                "encode_ms": encode_ms(text_before, text), "cpu": cpu_seconds(text_before, text) / between}
     finally:
         for c in clients:
             await c.stop()
