@@ -85,22 +85,25 @@ class RunStats:
 
 
 def make_engine(model: AvatarForcing, max_sessions: int, batching: bool = True, decode: bool = True,
-                precision: str = "float32", upstream_steps: bool = False, compile: bool = False) -> StreamingEngine:
+                precision: str = "float32", upstream_steps: bool = False, compile: str | None = None
+                ) -> StreamingEngine:
     """An engine as the server builds it; a compiled one is precompiled for every bucket and phase here, so
-    no timed step pays for compilation."""
-    buckets = batch_buckets(max_sessions) if compile else None
+    no timed step pays for compilation. compile: None, or the scope ("step" or "loop")."""
+    buckets = batch_buckets(max_sessions) if compile is not None else None
     engine = StreamingEngine(model, EngineSettings(max_sessions=max_sessions, decode=decode, batching=batching,
                                                    precision=precision, upstream_steps=upstream_steps,
-                                                   compile=compile, batch_buckets=buckets),
+                                                   compile=compile is not None, compile_scope=compile or "step",
+                                                   batch_buckets=buckets),
                              clock=time.perf_counter)
-    if compile:
+    if compile is not None:
         engine.precompile()
     return engine
 
 
 def run_sessions(model: AvatarForcing, inputs: BenchInputs, sessions: int, blocks: int, batching: bool,
                  decode: bool = True, precision: str = "float32", upstream_steps: bool = False,
-                 compile: bool = False, engine: StreamingEngine | None = None, profile: bool = False) -> RunStats:
+                 compile: str | None = None, engine: StreamingEngine | None = None, profile: bool = False
+                 ) -> RunStats:
     """Open `sessions` live sessions fed the same media, prime them, then time `blocks` steps.
 
     Every session's inputs are complete before each step (their session clocks start far in the past),
@@ -312,7 +315,8 @@ def run_bench_gpu(args) -> int:
     # One engine for the whole sweep, as in the server (a compiled one is precompiled here, untimed).
     t0 = time.perf_counter()
     engine = make_engine(model, args.max_sessions, precision=precision, compile=args.compile)
-    print(f"engine ready in {time.perf_counter() - t0:.1f} s{' (precompiled every bucket)' if args.compile else ''}",
+    compiled = f" (precompiled every bucket, scope {args.compile})" if args.compile else ""
+    print(f"engine ready in {time.perf_counter() - t0:.1f} s{compiled}",
           flush=True)
     run_sessions(model, inputs, min(2, args.max_sessions), 3, batching=True, engine=engine)  # warm-up
     with reference_kernels():
@@ -352,7 +356,8 @@ def run_bench_gpu(args) -> int:
         "",
         "| path | " + " | ".join(STAGES) + " | step p50 | step p99 |",
         "|" + " --- |" * (len(STAGES) + 3),
-        stage_row(f"fast ({precision}, fast kernels, batched{', compiled' if args.compile else ''})", fast),
+        stage_row(f"fast ({precision}, fast kernels, batched{f', compiled ({args.compile})' if args.compile else ''})",
+                  fast),
         stage_row("reference way (fp32, reference kernels, one at a time, 9 transformer calls)", baseline),
         "",
         f"Stage times were taken with a device sync around each stage; without them, one session's step is "
@@ -504,7 +509,9 @@ def add_bench_command(subparsers) -> None:
     gpu.add_argument("--sessions", nargs="+", help="session counts of the sweep (default: 1 2 4 8 ... up to the max)")
     gpu.add_argument("--precision", choices=("float32", "bfloat16"), help="default: bfloat16 on a GPU")
     gpu.add_argument("--target-latency", type=float, default=0.7, help="the server's target_latency_s")
-    gpu.add_argument("--compile", action="store_true", help="compiled transformer (CUDA graphs per bucket)")
+    gpu.add_argument("--compile", nargs="?", const="step", choices=("step", "loop"),
+                     help="compiled engine (CUDA graphs per bucket): the transformer call (step, the default) or "
+                          "the whole denoising loop (loop)")
     gpu.add_argument("--results", default="benchmarks/RESULTS.md", help="append the section here ('' to skip)")
     gpu.set_defaults(func=run_bench_gpu)
     d = sub.add_parser("drift", help="pose drift of a long session, with and without the pose anchor")

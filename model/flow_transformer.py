@@ -277,8 +277,10 @@ class FlowTransformer(nn.Module):
         Returns the velocity [B, L, dim_w] and this call's per-layer keys/values (self keys rotated).
         """
         # Callers on an accelerator keep positions in range themselves (the engine rebases with plain
-        # integers); checking a device tensor here would stall the GPU on every call.
-        if positions.device.type == "cpu" and positions.max() >= self.rope.shape[0]:
+        # integers); checking a device tensor here would stall the GPU on every call, and a compiled graph
+        # would break at the branch.
+        if (positions.device.type == "cpu" and not torch.compiler.is_compiling()
+                and positions.max() >= self.rope.shape[0]):
             raise ValueError(f"RoPE position {int(positions.max())} beyond the table of {self.rope.shape[0]}; "
                              "rebase the session's positions")
         t_embed, ada = self.time_modulation(t)

@@ -74,10 +74,18 @@ class GuidedSampler:
     cache updates after a block (priming or streaming)."""
 
     def __init__(self, transformer: FlowTransformer, cfg: SamplerConfig, *, skip_noop_steps: bool = True,
-                 forward=None):
+                 compile_fn=None, compile_loop: bool = False):
+        """compile_fn: e.g. torch.compile with its options. It compiles the transformer call (the clean pass
+        and each solver step), or with compile_loop the whole denoising loop as one graph (slower to compile:
+        every step is unrolled into it)."""
         self.transformer = transformer
-        # What runs the transformer: the module itself, or a compiled version of its forward.
-        self.forward = forward or transformer
+        self.forward = compile_fn(transformer.forward) if compile_fn else transformer  # the clean pass
+        if compile_fn and compile_loop:
+            self.step_forward = transformer  # traced into the loop's graph
+            self.integrate = compile_fn(self.integrate_steps)
+        else:
+            self.step_forward = self.forward
+            self.integrate = self.integrate_steps
         self.tcfg: FlowTransformerConfig = transformer.config
         self.schedule = FlowMatchSchedule(cfg)
         self.a_scale = cfg.a_cfg_scale
@@ -108,15 +116,25 @@ class GuidedSampler:
 
         cond3 [3B, L, dim_h] from `branch_conditions`; r_s [B, D]; positions [B, L]; past: 3B-row cache.
         """
+        is_new = torch.arange(x.shape[1], device=x.device) >= num_context
+        masks = self.transformer.masks(x.shape[1], past, x.device)
+        args = (x, is_new, cond3, repeat_branches(r_s), repeat_branches(positions), past, masks)
+        if trace is not None:  # the parity tests' record of every step: always the plain loop
+            return self.integrate_steps(*args, trace=trace)
+        return self.integrate(*args)
+
+    def integrate_steps(self, x: torch.Tensor, is_new: torch.Tensor, cond3: torch.Tensor, r_s3: torch.Tensor,
+                        pos3: torch.Tensor, past: list[LayerKV] | None, masks, trace: dict | None = None
+                        ) -> torch.Tensor:
+        """Every solver step of one block: the guided transformer call and the Euler update. Compiled as a
+        whole (compile_loop), the loop is one graph per batch bucket and phase: no Python between steps, and
+        on a GPU one CUDA graph replay per block."""
         b, n, _ = x.shape
-        is_new = torch.arange(n, device=x.device) >= num_context
-        r_s3, pos3 = repeat_branches(r_s), repeat_branches(positions)
-        masks = self.transformer.masks(n, past, x.device)
         for step in self.steps:
             # Contiguous, as in the clean pass: a compiled graph specialises on strides, and one layout
             # for both calls keeps it to one graph per bucket and phase.
             t_frames = torch.where(is_new, step.t_cur, 0.0).to(x.dtype).expand(NUM_BRANCHES * b, n).contiguous()
-            v_branches, _ = self.forward(repeat_branches(x), t_frames, cond3, r_s3, pos3, past, masks)
+            v_branches, _ = self.step_forward(repeat_branches(x), t_frames, cond3, r_s3, pos3, past, masks)
             v = self.guide(v_branches)
             # The solver update runs in float64, as upstream: x <- x + (sigma_next - sigma_cur) v.
             stepped = (x.double() + (step.sigma_next - step.sigma_cur) * v.double()).to(x.dtype)

@@ -2,7 +2,8 @@
 # The GPU check, in two calls of the device tool, each well under 6 minutes on an H100/H200:
 #   scripts/gpu-check.sh 1   kernel, precision and compile tests on the GPU, then the eager bench
 #                            (full configuration, random weights: same speed as trained ones) at 1/4/16/32
-#   scripts/gpu-check.sh 2   the compiled bench (every bucket precompiled before timing)
+#   scripts/gpu-check.sh 2   the compiled bench (every bucket precompiled before timing), then one session
+#                            with the whole denoising loop compiled
 # Add --rehearse to run the same steps here on the CPU with the small golden configuration, so that a GPU
 # run meets no Python error (tests/test_gpu_check.py does this in CI).
 #
@@ -52,6 +53,10 @@ case "$part" in
     2)
         run bench-compiled "$python" -m avatar_forcing.cli bench gpu "${bench[@]}" --compile \
             --results "$out/RESULTS.md"
+        # The whole denoising loop as one graph, one session: its compile is the long one, so it goes last and
+        # has its own limit (what ran before is kept whatever happens here).
+        run bench-compiled-loop timeout 150 "$python" -m avatar_forcing.cli bench gpu "${bench[@]:0:6}" \
+            --max-sessions 1 --sessions 1 --compile loop --results "$out/RESULTS.md"
         ;;
     *) echo "part must be 1 or 2" >&2; exit 2 ;;
 esac

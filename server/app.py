@@ -76,6 +76,7 @@ def create_app(settings: ServerSettings | None = None, *,
                          EngineSettings(max_sessions=settings.max_sessions, lead_in_frames_shown=shown,
                                         portrait_cache=settings.max_sessions,
                                         precision=settings.precision, compile=settings.compile,
+                                        compile_scope=settings.compile_scope,
                                         batch_buckets=batch_buckets(settings.max_sessions) if settings.compile
                                         else None,
                                         # Catch-up: a session more than one block behind its newest input

@@ -27,6 +27,7 @@ class ServerSettings:
     cpu_threads: int | None = None  # torch's CPU threads; default: all cores but one (kept for media work)
     precision: str = "auto"  # auto (bfloat16 on a GPU, float32 on a CPU), float32 or bfloat16
     compile: bool = False  # torch.compile the transformer (CUDA graphs per batch bucket on a GPU)
+    compile_scope: str = "step"  # with compile: "step" (the transformer call) or "loop" (the whole denoising loop)
     # Video compression: 'auto' takes NVENC for H.264 where the GPU has it, 'cpu' never, 'nvenc' must have it
     video_encoder: str = "auto"
     video_codec: str = "auto"  # codec answers prefer: auto (H.264 with NVENC, else the client's order), h264, vp8
@@ -75,6 +76,8 @@ class ServerSettings:
             raise UserError("AVATAR_FORCING_MAX_SESSIONS must be at least 1")
         if self.precision not in ("auto", "float32", "bfloat16"):
             raise UserError("AVATAR_FORCING_PRECISION must be auto, float32 or bfloat16")
+        if self.compile_scope not in ("step", "loop"):
+            raise UserError("AVATAR_FORCING_COMPILE_SCOPE must be 'step' or 'loop'")
         if self.video_encoder not in ("auto", "cpu", "nvenc"):
             raise UserError("AVATAR_FORCING_VIDEO_ENCODER must be 'auto', 'cpu' or 'nvenc'")
         if self.video_codec not in ("auto", "h264", "vp8"):

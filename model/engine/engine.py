@@ -13,6 +13,7 @@ the parity tests) calls open/close/step; only the sessions' input pushes may com
 
 from __future__ import annotations
 
+import functools
 import itertools
 import secrets
 import time
@@ -62,6 +63,7 @@ class EngineSettings:
     batch_buckets: tuple[int, ...] | None = None
     # torch.compile the transformer; on a GPU with mode "reduce-overhead", i.e. CUDA graphs per bucket.
     compile: bool = False
+    compile_scope: str = "step"  # "step": the transformer call; "loop": the whole denoising loop, one graph
     # A live session's silent lead-in is mostly never shown (only its last moments play before the first
     # streaming block): decode just its last N frames. None decodes all.
     lead_in_frames_shown: int | None = None
@@ -91,22 +93,26 @@ class StreamingEngine:
                                      lead_in_frames=lead_in)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        if self.settings.compile_scope not in ("step", "loop"):
+            raise ValueError(f"compile_scope must be 'step' or 'loop', got {self.settings.compile_scope!r}")
         if self.settings.precision not in ("float32", "bfloat16"):
             raise ValueError(f"precision must be float32 or bfloat16, got {self.settings.precision!r}")
         self.bf16 = self.settings.precision == "bfloat16"
         self.cache_dtype = torch.bfloat16 if self.bf16 else self.dtype
         buckets = self.settings.batch_buckets
-        forward = None
+        compile_fn = None
         if self.settings.compile:
             mode = "reduce-overhead" if self.device.type == "cuda" else "default"
-            # One graph per bucket and phase (priming / streaming), each for the denoise and the clean pass.
+            # Per bucket and phase (priming / streaming): one graph for the transformer call, plus one for the
+            # whole denoising loop when that is compiled too.
             graphs = 2 * len(Phase) * len(buckets or (1,))
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, graphs + 8)
             torch._dynamo.config.accumulated_cache_size_limit = max(
                 torch._dynamo.config.accumulated_cache_size_limit, graphs + 8)
-            forward = torch.compile(model.flow_transformer.forward, mode=mode, dynamic=False)
+            compile_fn = functools.partial(torch.compile, mode=mode, dynamic=False)
         sampler = GuidedSampler(model.flow_transformer, cfg.sampler,
-                                skip_noop_steps=not self.settings.upstream_steps, forward=forward)
+                                skip_noop_steps=not self.settings.upstream_steps, compile_fn=compile_fn,
+                                compile_loop=self.settings.compile_scope == "loop")
         default_chunk = 10 if self.device.type == "cpu" else 128
         self.runner = BlockRunner(model, sampler, motion_chunk=self.settings.motion_chunk or default_chunk,
                                   decode_chunk=self.settings.decode_chunk or default_chunk)
