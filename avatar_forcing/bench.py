@@ -85,14 +85,15 @@ class RunStats:
 
 
 def make_engine(model: AvatarForcing, max_sessions: int, batching: bool = True, decode: bool = True,
-                precision: str = "float32", upstream_steps: bool = False, compile: str | None = None
-                ) -> StreamingEngine:
+                precision: str = "float32", upstream_steps: bool = False, compile: str | None = None,
+                channels_last: bool = False) -> StreamingEngine:
     """An engine as the server builds it; a compiled one is precompiled for every bucket and phase here, so
     no timed step pays for compilation. compile: None, or the scope ("step" or "loop")."""
     buckets = batch_buckets(max_sessions) if compile is not None else None
     engine = StreamingEngine(model, EngineSettings(max_sessions=max_sessions, decode=decode, batching=batching,
                                                    precision=precision, upstream_steps=upstream_steps,
                                                    compile=compile is not None, compile_scope=compile or "step",
+                                                   channels_last=channels_last,
                                                    batch_buckets=buckets),
                              clock=time.perf_counter)
     if compile is not None:
@@ -314,7 +315,8 @@ def run_bench_gpu(args) -> int:
 
     # One engine for the whole sweep, as in the server (a compiled one is precompiled here, untimed).
     t0 = time.perf_counter()
-    engine = make_engine(model, args.max_sessions, precision=precision, compile=args.compile)
+    engine = make_engine(model, args.max_sessions, precision=precision, compile=args.compile,
+                         channels_last=args.channels_last)
     compiled = f" (precompiled every bucket, scope {args.compile})" if args.compile else ""
     print(f"engine ready in {time.perf_counter() - t0:.1f} s{compiled}",
           flush=True)
@@ -356,8 +358,8 @@ def run_bench_gpu(args) -> int:
         "",
         "| path | " + " | ".join(STAGES) + " | step p50 | step p99 |",
         "|" + " --- |" * (len(STAGES) + 3),
-        stage_row(f"fast ({precision}, fast kernels, batched{f', compiled ({args.compile})' if args.compile else ''})",
-                  fast),
+        stage_row(f"fast ({precision}, fast kernels, batched{f', compiled ({args.compile})' if args.compile else ''}"
+                  f"{', channels_last' if args.channels_last else ''})", fast),
         stage_row("reference way (fp32, reference kernels, one at a time, 9 transformer calls)", baseline),
         "",
         f"Stage times were taken with a device sync around each stage; without them, one session's step is "
@@ -512,6 +514,8 @@ def add_bench_command(subparsers) -> None:
     gpu.add_argument("--compile", nargs="?", const="step", choices=("step", "loop"),
                      help="compiled engine (CUDA graphs per bucket): the transformer call (step, the default) or "
                           "the whole denoising loop (loop)")
+    gpu.add_argument("--channels-last", action="store_true",
+                     help="the motion auto-encoder in channels_last memory (also for the reference way: same model)")
     gpu.add_argument("--results", default="benchmarks/RESULTS.md", help="append the section here ('' to skip)")
     gpu.set_defaults(func=run_bench_gpu)
     d = sub.add_parser("drift", help="pose drift of a long session, with and without the pose anchor")

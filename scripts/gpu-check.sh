@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check, in two calls of the device tool, each well under 6 minutes on an H100/H200:
 #   scripts/gpu-check.sh 1   kernel, precision and compile tests on the GPU, then the eager bench
-#                            (full configuration, random weights: same speed as trained ones) at 1/4/16/32
+#                            (full configuration, random weights: same speed as trained ones) at 1/4/16/32,
+#                            and one session with the auto-encoder in channels_last memory
 #   scripts/gpu-check.sh 2   the compiled bench (every bucket precompiled before timing), then one session
 #                            with the whole denoising loop compiled
 # Add --rehearse to run the same steps here on the CPU with the small golden configuration, so that a GPU
@@ -49,6 +50,9 @@ case "$part" in
     1)
         run tests "$python" -m pytest -q -rs -p no:cacheprovider "${tests[@]}"
         run bench-eager "$python" -m avatar_forcing.cli bench gpu "${bench[@]}" --results "$out/RESULTS.md"
+        # The motion auto-encoder in NHWC memory, one session, against the same run's reference way.
+        run bench-eager-nhwc timeout 90 "$python" -m avatar_forcing.cli bench gpu "${bench[@]:0:6}" \
+            --max-sessions 1 --sessions 1 --channels-last --results "$out/RESULTS.md"
         ;;
     2)
         run bench-compiled "$python" -m avatar_forcing.cli bench gpu "${bench[@]}" --compile \

@@ -77,6 +77,7 @@ def create_app(settings: ServerSettings | None = None, *,
                                         portrait_cache=settings.max_sessions,
                                         precision=settings.precision, compile=settings.compile,
                                         compile_scope=settings.compile_scope,
+                                        channels_last=settings.channels_last,
                                         batch_buckets=batch_buckets(settings.max_sessions) if settings.compile
                                         else None,
                                         # Catch-up: a session more than one block behind its newest input

@@ -28,6 +28,7 @@ class ServerSettings:
     precision: str = "auto"  # auto (bfloat16 on a GPU, float32 on a CPU), float32 or bfloat16
     compile: bool = False  # torch.compile the transformer (CUDA graphs per batch bucket on a GPU)
     compile_scope: str = "step"  # with compile: "step" (the transformer call) or "loop" (the whole denoising loop)
+    channels_last: bool = False  # the motion auto-encoder's convolutions in NHWC memory (for GPU tensor cores)
     # Video compression: 'auto' takes NVENC for H.264 where the GPU has it, 'cpu' never, 'nvenc' must have it
     video_encoder: str = "auto"
     video_codec: str = "auto"  # codec answers prefer: auto (H.264 with NVENC, else the client's order), h264, vp8

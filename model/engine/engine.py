@@ -64,6 +64,9 @@ class EngineSettings:
     # torch.compile the transformer; on a GPU with mode "reduce-overhead", i.e. CUDA graphs per bucket.
     compile: bool = False
     compile_scope: str = "step"  # "step": the transformer call; "loop": the whole denoising loop, one graph
+    # The motion auto-encoder's convolutions in channels_last (NHWC) memory, the layout GPU tensor cores
+    # read without transposes. Converts the model's conv weights in place (activations follow them).
+    channels_last: bool = False
     # A live session's silent lead-in is mostly never shown (only its last moments play before the first
     # streaming block): decode just its last N frames. None decodes all.
     lead_in_frames_shown: int | None = None
@@ -93,6 +96,10 @@ class StreamingEngine:
                                      lead_in_frames=lead_in)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        if self.settings.channels_last:
+            for weight in model.motion_autoencoder.parameters():
+                if weight.dim() == 4:  # conv kernels (Module.to refuses modules that also hold other ranks)
+                    weight.data = weight.data.contiguous(memory_format=torch.channels_last)
         if self.settings.compile_scope not in ("step", "loop"):
             raise ValueError(f"compile_scope must be 'step' or 'loop', got {self.settings.compile_scope!r}")
         if self.settings.precision not in ("float32", "bfloat16"):
