@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from golden_data import MEDIA_DIR
 from safetensors.torch import save_file
 from synthetic_dyadic import GROUPS, LIP, coordinates, make_clips
 from test_training import FOLDER
@@ -93,3 +94,43 @@ def test_eval_command_on_a_latents_file(tmp_path, capsys):
     assert main(["eval", "--data", str(tmp_path / "shards"), "--generated", str(tmp_path / "nope.safetensors"),
                  "--weights", str(FOLDER / "small_weights.safetensors"), "--config", str(FOLDER),
                  "--device", "cpu"]) == 2
+
+
+@pytest.mark.skipif(not (MEDIA_DIR / "official_output.mp4").exists(), reason=f"needs the sample media in {MEDIA_DIR}")
+def test_eval_command_on_videos_with_face_landmarks(tmp_path):
+    """`eval --videos`: the official output as the true avatar beside user.mp4; generated rows are the same
+    video (it must score as the truth: rPCC 0, the same lip sync) and a frozen copy of its first frame
+    (no motion: Var 0, no lip sync). Clips are cut to 6 s to keep this quick."""
+    import json
+
+    from avatar_forcing.model.media.audio import load_audio
+    from avatar_forcing.model.media.video import Mp4Writer, read_video_frames
+
+    seconds, fps = 6, 25
+    clips, same, frozen = tmp_path / "clips", tmp_path / "same", tmp_path / "frozen"
+    for folder in (clips, same, frozen):
+        folder.mkdir()
+    truth = read_video_frames(MEDIA_DIR / "official_output.mp4", fps)[: seconds * fps]
+    user = read_video_frames(MEDIA_DIR / "user.mp4", fps)[: seconds * fps]
+    speech = load_audio(MEDIA_DIR / "avatar.wav", 16000)[: seconds * 16000]
+    still = truth[:1].repeat(len(truth), 0)
+    for path, frames, audio in ((clips / "a.truth.mp4", truth, speech), (clips / "a.user.mp4", user, None),
+                                (same / "a.mp4", truth, None), (frozen / "a.mp4", still, None)):
+        with Mp4Writer(path, fps, frames.shape[2], frames.shape[1], audio_rate=16000 if audio is not None else None,
+                       crf=12) as w:
+            w.write_frames(frames)
+            if audio is not None:
+                w.write_audio(audio)
+    code = main(["eval", "--videos", str(clips), "--generated", str(same), str(frozen), "--out", str(tmp_path / "ev")])
+    assert code == 0
+    result = json.loads((tmp_path / "ev" / "scores.json").read_text())
+    scores, sync = result["scores"], result["lip_sync"]
+    assert set(scores) == {"same", "frozen", "ground truth"}
+    assert scores["same"]["exp"]["rpcc"] < 0.02 and scores["same"]["pose"]["rpcc"] < 0.02
+    assert scores["frozen"]["pose"]["var"] < 0.01 * scores["ground truth"]["pose"]["var"]
+    assert sync["same"][0] > 0.4 and abs(sync["same"][0] - sync["ground truth"][0]) < 0.05
+    assert sync["frozen"][0] < 0.1
+    assert (tmp_path / "ev" / "per_dimension.png").stat().st_size > 10_000
+    # A clip without its user video is named.
+    (clips / "a.user.mp4").unlink()
+    assert main(["eval", "--videos", str(clips), "--generated", str(same)]) == 2

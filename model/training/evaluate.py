@@ -1,4 +1,5 @@
-"""The paper's Table 4 from generated vs ground-truth motion, through a pluggable parameter extractor.
+"""The paper's Table 4 from generated vs ground-truth motion, through a pluggable parameter extractor: on
+motion latents (below), or on videos through face landmarks (`evaluate_landmarks`, landmarks.py).
 
 An extractor maps one clip's motion latents [T, dim_w] (and its reference code r_s) to per-frame parameters
 per group ({"exp": [T, a], "pose": [T, b]}) and, optionally, a mouth-opening series [T] for the lip-sync proxy.
@@ -84,12 +85,23 @@ def evaluate(clips: Sequence[Clip], generated: Sequence[torch.Tensor], extractor
     ground truth; user parameters come from the clips' user motion (with no reference subtracted)."""
     if len(clips) != len(generated) or not clips:
         raise ValueError(f"{len(clips)} clips but {len(generated)} generated sequences")
-    gen = [extractor(g[:c.num_frames], c.r_s) for c, g in zip(clips, generated, strict=True)]
-    truth = [extractor(c.motion, c.r_s) for c in clips]
-    user = [extractor(c.user_motion, torch.zeros_like(c.r_s)) for c in clips]
     short = [c.name for c, g in zip(clips, generated, strict=True) if len(g) < c.num_frames]
     if short:
         raise ValueError(f"generated sequences shorter than their clips: {', '.join(short[:5])}")
+    gen = [extractor(g[:c.num_frames], c.r_s) for c, g in zip(clips, generated, strict=True)]
+    truth = [extractor(c.motion, c.r_s) for c in clips]
+    user = [extractor(c.user_motion, torch.zeros_like(c.r_s)) for c in clips]
+    mouths = None
+    if avatar_pcm is not None and getattr(extractor, "mouth", None) is not None:
+        mouths = [extractor.mouth_opening(g[:c.num_frames], c.r_s) for c, g in zip(clips, generated, strict=True)]
+    return score(user, gen, truth, mouths, avatar_pcm, samples_per_frame, seed)
+
+
+def score(user: Sequence[dict[str, np.ndarray]], gen: Sequence[dict[str, np.ndarray]],
+          truth: Sequence[dict[str, np.ndarray]], mouths: Sequence[np.ndarray] | None = None,
+          avatar_pcm: Sequence | None = None, samples_per_frame: int = 640, seed: int = 0) -> Evaluation:
+    """The scores from per-clip parameters ({group: [T, k]}) of the user, the generated and the true avatar,
+    and (for the lip-sync proxy) the generated mouth opening [T] with the avatar's speech."""
     scores, per_dim = {}, {}
     for group in truth[0]:
         u, g, t = [x[group] for x in user], [x[group] for x in gen], [x[group] for x in truth]
@@ -99,12 +111,38 @@ def evaluate(clips: Sequence[Clip], generated: Sequence[torch.Tensor], extractor
             "var_gen": np.mean([x.var(0) for x in g], axis=0),
             "var_truth": np.mean([x.var(0) for x in t], axis=0)}
     sync = None
-    if avatar_pcm is not None and getattr(extractor, "mouth", None) is not None:
-        pairs = [lip_sync(extractor.mouth_opening(g[:c.num_frames], c.r_s),
-                          speech_envelope(np.asarray(p), samples_per_frame)[:c.num_frames])
-                 for c, g, p in zip(clips, generated, avatar_pcm, strict=True)]
+    if mouths is not None and avatar_pcm is not None:
+        pairs = [lip_sync(m, speech_envelope(np.asarray(p), samples_per_frame)[:len(m)])
+                 for m, p in zip(mouths, avatar_pcm, strict=True)]
         sync = (float(np.mean([r for r, _ in pairs])), float(np.mean([lag for _, lag in pairs])))
     return Evaluation(scores, sync, per_dim)
+
+
+@dataclass
+class LandmarkClip:
+    """One conversation measured on video: face landmarks [T, 468, 3] of the user and of the true avatar, and
+    the avatar's speech (16 kHz) for the lip-sync proxy."""
+
+    name: str
+    user: np.ndarray
+    truth: np.ndarray
+    speech: np.ndarray | None = None
+
+
+def evaluate_landmarks(clips: Sequence[LandmarkClip], generated: Sequence[np.ndarray], extractor,
+                       samples_per_frame: int = 640, seed: int = 0) -> Evaluation:
+    """Table-4 scores of generated avatar videos' landmarks (one [T', 468, 3] per clip, cut to the clip's
+    length) with a fitted `landmarks.LandmarkExtractor` ({"exp", "pose"} per frame, and mouth opening)."""
+    if len(clips) != len(generated) or not clips:
+        raise ValueError(f"{len(clips)} clips but {len(generated)} generated videos")
+    lengths = [min(len(c.user), len(c.truth), len(g)) for c, g in zip(clips, generated, strict=True)]
+    user = [extractor(c.user[:n]) for c, n in zip(clips, lengths, strict=True)]
+    truth = [extractor(c.truth[:n]) for c, n in zip(clips, lengths, strict=True)]
+    gen = [extractor(g[:n]) for g, n in zip(generated, lengths, strict=True)]
+    with_speech = all(c.speech is not None for c in clips)
+    mouths = [extractor.mouth_opening(g[:n]) for g, n in zip(generated, lengths, strict=True)] if with_speech else None
+    return score(user, gen, truth, mouths, [c.speech for c in clips] if with_speech else None, samples_per_frame,
+                 seed)
 
 
 def plot_per_dimension(evaluations: dict[str, Evaluation], path: str | Path) -> Path | None:

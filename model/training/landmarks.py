@@ -111,14 +111,14 @@ class FaceMesh:
             self._box = None  # lost: detect again
         return None
 
-    def video(self, frames: np.ndarray) -> np.ndarray:
-        """[T, 468, 3] for a whole video; frames without a face repeat the previous landmarks (NaN before
-        the first face)."""
+    def video(self, frames) -> np.ndarray:
+        """[T, 468, 3] for a whole video (an array or an iterator of frames); a frame without a face takes
+        the nearest earlier face's landmarks (the first face's, before it). All NaN when no frame has a face."""
         self.reset()
-        out = np.full((len(frames), 468, 3), np.nan)
-        last = None
-        for i, frame in enumerate(frames):
-            points = self(frame)
+        found: list[np.ndarray | None] = [self(frame) for frame in frames]
+        out = np.full((len(found), 468, 3), np.nan)
+        last = next((p for p in found if p is not None), None)
+        for i, points in enumerate(found):
             last = points if points is not None else last
             if last is not None:
                 out[i] = last
