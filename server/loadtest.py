@@ -10,6 +10,7 @@ times and reports the server's memory, threads and tasks after the first cycle a
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from pathlib import Path
 
@@ -165,4 +166,16 @@ def add_loadtest_command(subparsers) -> None:
     p.add_argument("--sessions", nargs="+", default=[1, 2, 3, 4], help="session counts to try")
     p.add_argument("--seconds", type=float, default=10.0, help="measurement window per count")
     p.add_argument("--cycles", type=int, default=100, help="open/close cycles for the memory check (0: skip)")
-    p.set_defaults(func=lambda args: asyncio.run(run(args)))
+    p.set_defaults(func=run_loadtest)
+
+
+def run_loadtest(args) -> int:
+    try:
+        return asyncio.run(run(args))
+    except (httpx.HTTPError, ApiError, RuntimeError) as exc:
+        if isinstance(exc, ApiError):
+            detail = f"{exc.status} {exc.error.get('message')}"
+        else:
+            detail = str(exc) or type(exc).__name__
+        print(f"avatar-forcing loadtest: {args.url}: {detail}", file=sys.stderr)
+        return 1
