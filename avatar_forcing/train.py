@@ -46,9 +46,9 @@ def add_train_command(subparsers) -> None:
         k.add_argument("--seed", type=int, default=0)
         k.add_argument("--no-progress", action="store_true")
         if kind == "dpo":
-            k.add_argument("--beta", type=float, default=50.0)
+            k.add_argument("--beta", type=float, default=None, help="default: DPOSettings' (docs/training.md §3)")
             k.add_argument("--sft-weight", type=float, default=1.0, help="lambda: flow-matching loss on winners")
-            k.add_argument("--dpo-velocity", choices=("branch", "full", "guided"), default="branch",
+            k.add_argument("--dpo-velocity", choices=("branch", "full", "guided"), default=None,
                            help="the velocity the preference compares (docs/training.md, DPO experiments)")
             k.add_argument("--losers", type=Path, default=None,
                            help="shard folder whose clips carry losers (default: generate once into OUT/losers)")
@@ -81,8 +81,9 @@ def run_train(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from exc
     dpo = None
     if args.kind == "dpo":
-        dpo = DPOSettings(beta=args.beta, sft_weight=args.sft_weight, velocity=args.dpo_velocity,
-                          guidance=(cfg.sampler.a_cfg_scale, cfg.sampler.u_cfg_scale))
+        chosen = {k: v for k, v in (("beta", args.beta), ("velocity", args.dpo_velocity)) if v is not None}
+        dpo = DPOSettings(sft_weight=args.sft_weight, guidance=(cfg.sampler.a_cfg_scale, cfg.sampler.u_cfg_scale),
+                          **chosen)
         cache = args.losers or args.out / "losers"
         if (cache / "index.json").exists():
             clips = load_shards(cache)
