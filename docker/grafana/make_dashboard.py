@@ -133,8 +133,16 @@ ROWS: list[tuple[str, list[tuple[str, str, list[tuple[str, str]], dict]]]] = [
         ("Accelerator memory", "bytes", [
             (f"sum by (instance, kind) (avatar_device_memory_bytes{SEL})", "{{instance}} {{kind}}"),
         ], {}),
-        ("Process CPU (cores; video encoding runs here)", "none", [
+        ("Process CPU (cores; video encoding too, unless in media processes)", "none", [
             (f"sum by (instance) (rate(process_cpu_seconds_total{SEL}[{RATE}]))", "{{instance}}"),
+        ], {}),
+        ("Video encoding per frame (thread: the server's codec threads; process: a media process)", "s", [
+            (quantile(0.5, "avatar_video_encode_seconds", "where"), "p50 {{where}}"),
+            (quantile(0.99, "avatar_video_encode_seconds", "where"), "p99 {{where}}"),
+            (quantile(0.99, "avatar_video_encode_ipc_seconds"), "p99 hand-off to a media process"),
+        ], {"threshold": 0.04}),
+        ("Media processes alive", "none", [
+            (f"sum by (instance) (avatar_media_processes{SEL})", "{{instance}}"),
         ], {}),
         ("Process resident memory", "bytes", [
             (f"sum by (instance) (process_resident_memory_bytes{SEL})", "{{instance}}"),
