@@ -1,6 +1,8 @@
 """`avatar-forcing data prepare`: a manifest of dyadic clips -> training shards for `avatar-forcing train`.
+`avatar-forcing data conversations`: dyadic clips made here (rigged public-domain portraits, espeak-ng voices).
 
     avatar-forcing data prepare --manifest clips.jsonl --out shards/ --weights hub
+    avatar-forcing data conversations --out convs/ --count 8 --seconds 30
 
 Manifest lines: {"name": ..., "avatar_video": ..., "user_video": ..., "avatar_audio"?: ..., "user_audio"?: ...}
 (paths relative to the manifest). Rerun the same command to continue an interrupted run.
@@ -33,6 +35,54 @@ def add_data_command(subparsers) -> None:
                    help="record clips without a face or audio in index.json's 'rejected' and go on (default: stop)")
     k.add_argument("--no-progress", action="store_true")
     k.set_defaults(func=run_prepare)
+    c = actions.add_parser("conversations", help="make dyadic conversations here: rigged public-domain portraits, "
+                                                 "espeak-ng voices (the built-in model's data)")
+    c.add_argument("--out", required=True, type=Path, help="folder for the videos and manifest.jsonl")
+    c.add_argument("--count", type=int, default=8, help="conversations to make")
+    c.add_argument("--seconds", type=float, default=30.0, help="length of each")
+    c.add_argument("--size", type=int, default=256, help="frame side (square face crops)")
+    c.add_argument("--portrait", type=Path, action="append", default=[],
+                   help="a portrait you may use (repeatable; default: the public-domain ones packages ship)")
+    c.add_argument("--seed", type=int, default=0)
+    c.set_defaults(func=run_conversations)
+
+
+def run_conversations(args: argparse.Namespace) -> int:
+    import json
+
+    import numpy as np
+
+    from avatar_forcing.errors import MediaError, NoFaceError
+    from avatar_forcing.model.media.face import crop_portrait
+    from avatar_forcing.model.media.image import load_image
+    from avatar_forcing.model.training.conversations import (
+        augmented,
+        make_conversation,
+        packaged_portraits,
+        write_conversation,
+    )
+    from avatar_forcing.model.training.rig import FaceRig
+
+    sources = args.portrait or list(packaged_portraits().values())
+    if not sources:
+        raise UserError("no portraits: pass --portrait (the packaged one comes with matplotlib: `make install-train`)")
+    try:
+        faces = [crop_portrait(load_image(path), args.size) for path in sources]
+    except (MediaError, NoFaceError, OSError) as exc:
+        raise UserError(f"a portrait could not be used: {exc}") from None
+    args.out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(args.seed)
+    rows = []
+    for n in range(args.count):
+        # Two different looks (a face and an augmentation of one), so avatar and user never share one.
+        looks = rng.choice(len(faces) * 8, 2, replace=False)
+        rigs = [FaceRig(augmented(faces[int(k) % len(faces)], int(k) // len(faces) + 1000 * args.seed)) for k in looks]
+        conversation = make_conversation(args.seconds, seed=args.seed * 100_000 + n)
+        rows.append(write_conversation(conversation, rigs[0], rigs[1], args.out, f"conv{args.seed:03d}-{n:04d}"))
+        log.info("wrote %s (%d/%d)", rows[-1]["name"], n + 1, args.count)
+    (args.out / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    print(f"{args.count} conversations of {args.seconds:.0f} s in {args.out} (manifest.jsonl)")
+    return 0
 
 
 def run_prepare(args: argparse.Namespace) -> int:

@@ -165,6 +165,20 @@ def euler_degrees(r: np.ndarray) -> np.ndarray:
     return np.array([yaw, pitch, roll])
 
 
+def head_motion_energy(pose: np.ndarray, mask: np.ndarray, smoothing: int = 5, window: int = 50) -> float:
+    """Mean squared head movement (degrees^2) over the frames in `mask`: the pose [T, 3] smoothed over
+    `smoothing` frames (the mesh's frame-to-frame jitter out), minus its `window`-frame moving average (slow
+    drift out). A listener who nods scores high; one who only sways, low."""
+    def moving(x: np.ndarray, n: int) -> np.ndarray:
+        kernel = np.ones(n) / n
+        padded = np.pad(x, ((n // 2, n - 1 - n // 2), (0, 0)), mode="edge")
+        return np.stack([np.convolve(padded[:, k], kernel, mode="valid") for k in range(x.shape[1])], 1)
+
+    movement = moving(pose, smoothing) - moving(pose, window)
+    mask = np.asarray(mask, bool)
+    return float((movement[mask] ** 2).sum(1).mean()) if mask.any() else 0.0
+
+
 @dataclass
 class FaceParameters:
     """Per-frame measures of one video."""
