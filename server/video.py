@@ -43,11 +43,18 @@ class VideoEncoding:
             raise UserError(str(exc)) from None
         m = self.metrics
         if self.processes:
-            self.pool = MediaPool(self.processes, self.h264, observe=self._observe_remote)
-            self.pool.start()
-            m.media_processes.set_function(self.pool.alive)  # read at every scrape
-            video_codecs.install(self.pool.encoder)
-        else:
+            pool = MediaPool(self.processes, self.h264, observe=self._observe_remote)
+            try:
+                pool.start()
+            except (RuntimeError, OSError) as exc:  # serve anyway: encoding in this process is slower, not wrong
+                log.error("the media processes could not start (%s): video is encoded in this process", exc)
+                pool.stop()
+                self.processes = 0
+            else:
+                self.pool = pool
+                m.media_processes.set_function(pool.alive)  # read at every scrape
+                video_codecs.install(pool.encoder)
+        if not self.processes:
             observe = m.video_encode_seconds.labels("thread").observe
             video_codecs.install(lambda mime: video_codecs.TimedEncoder(video_codecs.local_encoder(mime, self.h264),
                                                                         observe))

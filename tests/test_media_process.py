@@ -224,3 +224,29 @@ async def answer_to(offer: str) -> str:
     sdp = pc.localDescription.sdp
     await pc.close()
     return sdp
+
+
+def test_media_processes_that_cannot_start_leave_video_to_the_codec_threads(monkeypatch):
+    from aiortc import rtcrtpsender
+    from aiortc.rtcrtpparameters import RTCRtpCodecParameters
+
+    from avatar_forcing.server.config import ServerSettings
+    from avatar_forcing.server.metrics import ServerMetrics
+    from avatar_forcing.server.video import VideoEncoding
+
+    def refuse(self):
+        raise RuntimeError("media process 1 did not start within 60 s")
+
+    monkeypatch.setattr(MediaPool, "start", refuse)
+    video = VideoEncoding(ServerSettings(media_processes=1, video_encoder="cpu"), ServerMetrics(2))
+    try:
+        video.start()
+        assert video.processes == 0 and video.pool is None
+        encoder = rtcrtpsender.get_encoder(RTCRtpCodecParameters(mimeType="video/VP8", clockRate=90000,
+                                                                  payloadType=96))
+        assert isinstance(encoder, video_codecs.TimedEncoder)
+        payloads, _ = encoder.encode(video_frame(moving_frames(1)[0], 0))
+        assert payloads
+    finally:
+        video.stop()
+    assert rtcrtpsender.get_encoder is video_codecs.aiortc_encoder, "aiortc's own encoders are back after stop"
