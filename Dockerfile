@@ -71,7 +71,10 @@ COPY --chmod=0755 docker/healthcheck.py /usr/local/bin/avatar-forcing-healthchec
 
 # Configuration is by environment variables: every AVATAR_FORCING_* setting of server/config.py
 # (see README "Deployment" and docs/deployment.md). These are the image's defaults.
+# NVIDIA_DRIVER_CAPABILITIES: the CUDA base says compute,utility; `video` makes the container toolkit mount the
+# driver's encoder library too, so H.264 can be compressed by NVENC (AVATAR_FORCING_VIDEO_ENCODER=auto).
 ENV PATH=/opt/venv/bin:$PATH \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility,video \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HOME=/home/avatar \

@@ -225,6 +225,9 @@ def test_dockerfile_contract():
     assert json.loads(by_kind["ENTRYPOINT"][-1]) == ["/usr/bin/tini", "--", "/usr/local/bin/avatar-forcing-entrypoint"]
     assert json.loads(by_kind["CMD"][-1]) == ["serve"]
     assert env.get("WEIGHTS_ON_START") == "download"
+    # The container toolkit mounts the driver's video encoder (NVENC for H.264) only when asked.
+    assert "video" in env["NVIDIA_DRIVER_CAPABILITIES"].split(","), env.get("NVIDIA_DRIVER_CAPABILITIES")
+    assert {"compute", "utility"} <= set(env["NVIDIA_DRIVER_CAPABILITIES"].split(","))
     # The run-time packages the server needs.
     runtime_apt = [r for r in by_kind["RUN"] if "apt-get install" in r][-1]
     for package in ("python3", "espeak-ng", "tini"):
