@@ -142,15 +142,21 @@ def script(seconds: float, voices: tuple[str, str], rng: np.random.Generator) ->
     return tracks[0], tracks[1]
 
 
+def voice_activity(env: np.ndarray) -> tuple[float, np.ndarray]:
+    """(a speaker's loud level: the 95th percentile of its non-silent envelope, [T] bool: speaking, with the
+    gaps between words bridged)."""
+    sounding = env > 1e-4
+    level = max(float(np.quantile(env[sounding], 0.95)) if sounding.any() else 1.0, 1e-6)
+    return level, smooth((env > 0.05 * level).astype(float), 9) > 0.2
+
+
 def behave(own: np.ndarray, other: np.ndarray, other_smile: np.ndarray | None, rng: np.random.Generator
            ) -> tuple[np.ndarray, np.ndarray]:
     """(expression [T, fields], voice activity [T]) of one side, from its own speech and the other's."""
     frames = len(envelope(own, len(own) // HOP))
     env_own, env_other = envelope(own, frames), envelope(other, frames)
-    level = max(np.quantile(env_own[env_own > 1e-4], 0.95) if (env_own > 1e-4).any() else 1.0, 1e-6)
-    talking = smooth((env_own > 0.05 * level).astype(float), 9) > 0.2
-    other_level = max(np.quantile(env_other[env_other > 1e-4], 0.95) if (env_other > 1e-4).any() else 1.0, 1e-6)
-    listening = smooth((env_other > 0.05 * other_level).astype(float), 9) > 0.2
+    level, talking = voice_activity(env_own)
+    other_level, listening = voice_activity(env_other)
     e = np.zeros((frames, len(EXPRESSION_FIELDS)))
     t = np.arange(frames) / FPS
 

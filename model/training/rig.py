@@ -22,6 +22,8 @@ from avatar_forcing.errors import NoFaceError
 from .landmarks import EYE_OUTER_LEFT, EYE_OUTER_RIGHT, FaceMesh
 
 # Mesh indices (the canonical MediaPipe face-mesh topology).
+UPPER_LIPS_INNER = [78, 191, 80, 81, 82, 13, 312, 311, 310, 415, 308]  # corner to corner
+LOWER_LIPS_INNER = [78, 95, 88, 178, 87, 14, 317, 402, 318, 324, 308]
 INNER_LIPS = [78, 95, 88, 178, 87, 14, 317, 402, 318, 324, 308, 415, 310, 311, 312, 13, 82, 81, 80, 191]
 LOWER_LIP = [95, 88, 178, 87, 14, 317, 402, 318, 324, 146, 91, 181, 84, 17, 314, 405, 321, 375]
 UPPER_LIP = [415, 310, 311, 312, 13, 82, 81, 80, 191, 409, 270, 269, 267, 0, 37, 39, 40, 185]
@@ -192,6 +194,3 @@ class FaceRig:
         order = np.argsort(points[:, 0])
         return points[order, 0], points[order, 1]
 
-
-UPPER_LIPS_INNER = [78, 191, 80, 81, 82, 13, 312, 311, 310, 415, 308]
-LOWER_LIPS_INNER = [78, 95, 88, 178, 87, 14, 317, 402, 318, 324, 308]
