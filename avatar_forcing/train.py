@@ -112,10 +112,46 @@ def run_train(args: argparse.Namespace) -> int:
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
 
 
+def rig_pairs(looks: int, size: int, seed: int):
+    """`RigPairs` over `looks` looks of the packaged portrait: the looks `data conversations` gives seeds 1, 2, ...
+    (eight per seed), so the auto-encoder and the conversations see the same faces."""
+    from avatar_forcing.errors import NoFaceError
+    from avatar_forcing.model.media.face import crop_portrait
+    from avatar_forcing.model.media.image import load_image
+    from avatar_forcing.model.training.conversations import augmented, packaged_portraits
+    from avatar_forcing.model.training.rig import FaceRig
+    from avatar_forcing.model.training.rig_pairs import RigPairs
+
+    portraits = packaged_portraits()
+    if not portraits:
+        raise UserError("--rig-looks needs matplotlib's sample portrait (`make install-train`)")
+    face = crop_portrait(load_image(next(iter(portraits.values()))), size)
+    try:
+        rigs = [FaceRig(augmented(face, 1000 * (1 + i // 8) + i % 8)) for i in range(looks)]
+    except NoFaceError as exc:
+        raise UserError(f"a look of the sample portrait has no face for the rig: {exc}") from None
+    return RigPairs(rigs, seed=seed)
+
+
+def saved_step(out: Path) -> int:
+    """The step of a run folder's saved training state (0 when there is none)."""
+    import torch
+
+    from avatar_forcing.model.training.loop import STATE_NAME
+
+    path = out / STATE_NAME
+    return int(torch.load(path, map_location="cpu", weights_only=True)["step"]) if path.exists() else 0
+
+
 def add_autoencoder_command(kinds) -> None:
     k = kinds.add_parser("autoencoder", help="the motion auto-encoder (LIA reconstruction of frame pairs)")
-    k.add_argument("--videos", required=True, nargs="+", type=Path,
+    k.add_argument("--videos", nargs="+", type=Path, default=[],
                    help="face videos, or folders of them: one clip each; pairs are two frames of one clip")
+    k.add_argument("--rig-looks", type=int, default=0,
+                   help="instead of videos: pairs rendered on the fly by the face rig from this many looks of the "
+                        "packaged public-domain portrait, with their expressions (see --code-weight)")
+    k.add_argument("--code-weight", type=float, default=0.0,
+                   help="rig pairs: weight of the motion magnitudes' regression onto the known expression")
     k.add_argument("--out", required=True, type=Path,
                    help="run folder: motion_autoencoder.safetensors, model.safetensors, metrics.csv, state")
     k.add_argument("--config", default="official", help="'official' or a folder with small_config.json")
@@ -132,10 +168,14 @@ def add_autoencoder_command(kinds) -> None:
     k.add_argument("--min-gap", type=int, default=5, help="least distance in frames between source and driving")
     k.add_argument("--ssim-weight", type=float, default=0.5)
     k.add_argument("--gradient-weight", type=float, default=0.5)
+    k.add_argument("--moving-weight", type=float, default=0.0,
+                   help="L1 where source and driving differ (teaches motion early; docs/training.md §0b)")
     k.add_argument("--perceptual", type=Path, default=None,
                    help="a local TorchScript perceptual network (images in [-1,1] -> features); none by default")
     k.add_argument("--perceptual-weight", type=float, default=1.0)
     k.add_argument("--save-every", type=int, default=1000)
+    k.add_argument("--until", type=int, default=None,
+                   help="stop after this step (the schedule still runs to --steps; run again to go on)")
     k.add_argument("--seed", type=int, default=0)
     k.add_argument("--no-progress", action="store_true")
     k.set_defaults(func=run_train_autoencoder)
@@ -168,6 +208,7 @@ def run_train_autoencoder(args: argparse.Namespace) -> int:
         autoencoder_trainer,
         crops_of_video,
         load_perceptual,
+        start_with_still_warps,
     )
     from avatar_forcing.model.training.loop import Distributed, LoopSettings
     from avatar_forcing.weights.loading import load_model
@@ -177,8 +218,18 @@ def run_train_autoencoder(args: argparse.Namespace) -> int:
     dist_info = Distributed.from_environment(device)
     if device.type == "cuda" and dist_info.active:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    files = video_files(args.videos)
-    model = build_model(cfg, device) if args.weights == "none" else load_model(cfg, args.weights, device=device)
+    if bool(args.videos) == bool(args.rig_looks):
+        raise UserError("give either --videos or --rig-looks")
+    files = video_files(args.videos) if args.videos else []
+    if args.until is not None and saved_step(args.out) >= args.until:
+        log.info("%s is at step %d already (--until %d): nothing to do", args.out, saved_step(args.out), args.until)
+        return 0
+    if args.weights == "none":
+        torch.manual_seed(args.seed)  # the random start is part of the recipe
+        model = build_model(cfg, device)
+        start_with_still_warps(model.motion_autoencoder)
+    else:
+        model = load_model(cfg, args.weights, device=device)
     size = model.config.motion.input_size
     clips = []
     for path in tqdm(files, desc="face crops", unit="clip", disable=args.no_progress or not dist_info.main):
@@ -186,6 +237,7 @@ def run_train_autoencoder(args: argparse.Namespace) -> int:
             clips.append(crops_of_video(path, size, max_frames=args.max_frames))
         except MediaError as exc:
             raise UserError(f"{path}: {exc}") from exc
+    pairs = rig_pairs(args.rig_looks, size, args.seed) if args.rig_looks else None
     perceptual = None
     if args.perceptual is not None:
         try:
@@ -193,17 +245,18 @@ def run_train_autoencoder(args: argparse.Namespace) -> int:
         except (FileNotFoundError, RuntimeError) as exc:
             raise UserError(str(exc)) from exc
     weights = ReconstructionWeights(ssim=args.ssim_weight, gradient=args.gradient_weight,
-                                    perceptual=args.perceptual_weight)
+                                    perceptual=args.perceptual_weight, moving=args.moving_weight,
+                                    code=args.code_weight)
     loop = LoopSettings(steps=args.steps, micro_batch=args.batch, accumulation=args.accumulation, lr=args.lr,
                         warmup=args.warmup, ema_decay=args.ema, bf16=args.bf16, save_every=args.save_every,
                         seed=args.seed, progress=not args.no_progress)
     try:
         trainer = autoencoder_trainer(model, clips, loop, args.out, weights, perceptual, device, dist_info,
-                                      min_gap=args.min_gap)
+                                      min_gap=args.min_gap, pairs=pairs)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
     trainer.resume()
-    history = trainer.run()
+    history = trainer.run(until=args.until)
     if history and dist_info.main:
         log.info("step %d: loss %.4f; checkpoints %s, %s", trainer.step, history[-1]["loss"],
                  args.out / "motion_autoencoder.safetensors", args.out / "model.safetensors")

@@ -101,3 +101,48 @@ def test_objective_is_zero_for_a_perfect_reconstruction_and_checks_crop_size(tmp
     assert isinstance(Reconstruction(model.motion_autoencoder).enc, type(model.motion_autoencoder.enc))
     with pytest.raises(ValueError, match="takes"):
         autoencoder_trainer(model, [torch.zeros(4, 64, 64, 3, dtype=torch.uint8)], quick(1), tmp_path)
+
+
+def test_still_warps_start_the_decoder_from_the_identity_warp():
+    """From random weights the flow heads scramble the source (grids off by a large part of the frame);
+    `start_with_still_warps` makes the first warps the identity, which is what lets a from-scratch run learn
+    motion at once (docs/training.md, the built-in model)."""
+    from avatar_forcing.model.avatar_forcing import build_model
+    from avatar_forcing.model.motion_autoencoder import identity_grid
+    from avatar_forcing.model.training.autoencoder import start_with_still_warps
+
+    cfg = from_golden_dir(FOLDER)
+    torch.manual_seed(0)
+    autoencoder = build_model(cfg, "cpu").motion_autoencoder
+    size = cfg.motion.input_size
+    image = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(1)) * 2 - 1
+
+    def largest_offset() -> float:
+        with torch.no_grad():
+            codes, feats = autoencoder.enc.net_app(image)
+            grid = autoencoder.dec(codes, feats).flow
+        assert grid is not None
+        return float((grid - identity_grid(cfg.motion.flow_resolution)).abs().max())
+
+    before = largest_offset()
+    start_with_still_warps(autoencoder)
+    after = largest_offset()
+    assert before > 0.3 and after < 0.05, (before, after)
+
+
+def test_moving_l1_sees_only_what_moved():
+    """Copying the source costs the full error where the driving frame moved; an error where nothing moved
+    costs (almost) nothing; a perfect reconstruction costs zero."""
+    from avatar_forcing.model.training.autoencoder import moving_l1
+
+    source = torch.zeros(1, 3, 32, 32)
+    driving = source.clone()
+    driving[..., 10:14, 10:14] = 1.0  # a small part moved
+    assert float(moving_l1(driving, driving, source)) == 0.0
+    copy = float(moving_l1(source, driving, source))
+    assert copy > 0.3, copy
+    elsewhere = driving.clone()
+    elsewhere[..., 25:, 25:] += 0.5  # wrong where nothing moved
+    assert float(moving_l1(elsewhere, driving, source)) < 0.01
+    # The plain L1 of copying the source is small next to it: the reason for the term.
+    assert float((source - driving).abs().mean()) < 0.05 * copy

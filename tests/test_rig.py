@@ -91,3 +91,31 @@ def test_head_rotations_read_as_yaw_pitch_and_roll(rigged):
     assert 6 < abs(pose(Expression(pitch=10))[1]) < 14
     assert 7 < abs(pose(Expression(roll=10))[2]) < 13
     assert np.sign(pose(Expression(roll=10))[2]) == -np.sign(pose(Expression(roll=-10))[2])
+
+
+def test_rig_pairs_render_the_expression_they_report():
+    """Auto-encoder pairs from the rig: reproducible per (seed, step, key) and split-independent, uint8 CHW
+    frames of the look's size, and a driving code that is the expression the frame was rendered with (an
+    open-jaw code comes with an open mouth on the frame)."""
+    from avatar_forcing.model.media.face import crop_portrait
+    from avatar_forcing.model.training.conversations import augmented
+    from avatar_forcing.model.training.rig_pairs import CODE_FIELDS, RigPairs
+
+    face = crop_portrait(load_image(grace_hopper()), 128)
+    pairs = RigPairs([FaceRig(augmented(face, 1000)), FaceRig(augmented(face, 1001))], seed=3)
+    whole = pairs.batch(5, 6, 0, 6)
+    assert whole.source.shape == whole.driving.shape == (6, 3, 128, 128) and str(whole.source.dtype) == "torch.uint8"
+    assert whole.driving_code.shape == (6, len(CODE_FIELDS))
+    part = pairs.batch(5, 6, 2, 3)
+    assert np.array_equal(part.driving.numpy(), whole.driving[2:5].numpy())
+    assert np.array_equal(part.driving_code.numpy(), whole.driving_code[2:5].numpy())
+    assert not np.array_equal(pairs.batch(6, 6, 0, 6).driving.numpy(), whole.driving.numpy())
+    # The code is the rendering's: jaw opening measured on the frames follows the jaw code.
+    mesh = FaceMesh()
+    batch = pairs.batch(0, 16, 0, 16)
+    jaw = batch.driving_code[:, CODE_FIELDS.index("jaw")].numpy()
+    opening = []
+    for frame in batch.driving.permute(0, 2, 3, 1).numpy():
+        mesh.reset()
+        opening.append(float(mouth_opening(mesh(np.ascontiguousarray(frame)))))
+    assert np.corrcoef(jaw, opening)[0, 1] > 0.7, list(zip(jaw.round(2), np.round(opening, 3), strict=True))

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..avatar_forcing import AvatarForcing
-from ..motion_autoencoder import MotionAutoencoder
+from ..motion_autoencoder import MotionAutoencoder, ToFlow
 from .flow_matching import window_generator
 
 PREFIX = "motion_autoencoder."
@@ -45,12 +45,30 @@ class Reconstruction(nn.Module):
         self.enc = autoencoder.enc
         self.dec = autoencoder.dec
 
-    def forward(self, source: torch.Tensor, driving: torch.Tensor) -> torch.Tensor:
+    def forward(self, source: torch.Tensor, driving: torch.Tensor,
+                with_magnitudes: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The rebuilt frame; with `with_magnitudes`, also the driving frame's motion magnitudes (lambda)."""
         b = source.shape[0]
         codes, feats = self.enc.net_app(torch.cat([source, driving]))  # one encoder call for both
         s_r = codes[:b]
-        r_d = self.dec.direction(self.enc.fc(codes[b:]))
-        return self.dec(s_r + r_d, [f[:b] for f in feats]).image
+        magnitudes = self.enc.fc(codes[b:])
+        image = self.dec(s_r + self.dec.direction(magnitudes), [f[:b] for f in feats]).image
+        return (image, magnitudes) if with_magnitudes else image
+
+
+def start_with_still_warps(autoencoder: MotionAutoencoder, scale: float = 0.01) -> None:
+    """For training from random weights: every level's flow head starts (almost) silent, so the decoder's
+    first warps are the identity and its first frames are the source itself.
+
+    With the random heads, each level adds its own random flow to the coarser levels' (the skip), and the
+    finest grids move samples by up to half the frame: the network first spends thousands of steps
+    learning to stop scrambling the source before it can learn motion. Shrinking the heads' weights (not
+    zeroing them: their modulation still gets gradients) and zeroing their biases skips that phase."""
+    with torch.no_grad():
+        for head in autoencoder.dec.to_flows:
+            assert isinstance(head, ToFlow)
+            head.conv.weight.mul_(scale)
+            head.bias.zero_()
 
 
 # -- data -----------------------------------------------------------------------------------------------------
@@ -61,10 +79,13 @@ class PairBatch:
     source: torch.Tensor  # uint8 [B, 3, S, S] on the CPU, float in [-1, 1] after `to`
     driving: torch.Tensor
     keys: torch.Tensor
+    # The driving frames' known motion when a rig rendered them ([B, K], rig_pairs.CODE_FIELDS), else None.
+    driving_code: torch.Tensor | None = None
 
     def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> PairBatch:
         scale = lambda x: x.to(device, dtype) / 127.5 - 1 if x.dtype == torch.uint8 else x.to(device, dtype)
-        return PairBatch(scale(self.source), scale(self.driving), self.keys)
+        code = None if self.driving_code is None else self.driving_code.to(device, dtype)
+        return PairBatch(scale(self.source), scale(self.driving), self.keys, code)
 
     @property
     def size(self) -> int:
@@ -171,12 +192,26 @@ def perceptual_loss(net: nn.Module, a: torch.Tensor, b: torch.Tensor) -> torch.T
     return torch.stack([(x - y).abs().flatten(1).mean(1) for x, y in zip(fa, fb, strict=True)]).mean(0)
 
 
+def moving_l1(recon: torch.Tensor, target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """[B] L1 of recon vs target weighted by where the target differs from the source (their absolute
+    difference, blurred over 5x5 so the weight covers the moved part's surroundings), normalised per pair.
+
+    A mouth that opens is a few hundred pixels of a 128 px frame: in the plain L1 its error is small next to
+    the blur everywhere else, and a from-scratch auto-encoder learns to copy the source long before it learns
+    to move anything. This term is the same error seen only where something moved."""
+    weight = F.avg_pool2d((target - source).abs().mean(1, keepdim=True), 5, stride=1, padding=2)
+    error = (recon - target).abs().mean(1, keepdim=True)
+    return (weight * error).flatten(1).sum(1) / weight.flatten(1).sum(1).clamp_min(1e-6)
+
+
 @dataclass(frozen=True)
 class ReconstructionWeights:
     l1: float = 1.0
     ssim: float = 0.5
     gradient: float = 0.5
     perceptual: float = 1.0  # used only with a perceptual network
+    moving: float = 0.0  # L1 where source and driving differ (see `moving_l1`)
+    code: float = 0.0  # rig-rendered pairs: the first motion magnitudes regress the known expression
 
 
 class ReconstructionObjective:
@@ -186,18 +221,27 @@ class ReconstructionObjective:
         self.w = weights
         self.perceptual = perceptual
 
-    def parts(self, recon: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-        """[B] per-pair terms of images in [-1, 1]."""
+    def parts(self, recon: torch.Tensor, target: torch.Tensor,
+              source: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """[B] per-pair terms of images in [-1, 1] (`source` is needed for the `moving` term)."""
         recon, target = recon.float(), target.float()
         out = {"l1": (recon - target).abs().flatten(1).mean(1),
                "ssim": 1 - ssim((recon.clamp(-1, 1) + 1) / 2, (target + 1) / 2),
                "gradient": gradient_loss(recon, target)}
         if self.perceptual is not None:
             out["perceptual"] = perceptual_loss(self.perceptual, recon, target)
+        if self.w.moving and source is not None:
+            out["moving"] = moving_l1(recon, target, source.float())
         return out
 
     def loss(self, net: nn.Module, batch: PairBatch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        parts = self.parts(net(batch.source, batch.driving), batch.driving)
+        if self.w.code and batch.driving_code is not None:
+            recon, magnitudes = net(batch.source, batch.driving, with_magnitudes=True)
+            parts = self.parts(recon, batch.driving, batch.source)
+            known = batch.driving_code.float()
+            parts["code"] = ((magnitudes[:, :known.shape[1]].float() - known) ** 2).mean(1)
+        else:
+            parts = self.parts(net(batch.source, batch.driving), batch.driving, batch.source)
         total = sum(getattr(self.w, name) * value.mean() for name, value in parts.items())
         assert isinstance(total, torch.Tensor)
         metrics = {name: float(value.mean().detach()) for name, value in parts.items()}
@@ -263,8 +307,9 @@ def crops_of_video(path: str | Path, size: int, max_frames: int | None = None, d
 
 def autoencoder_trainer(model: AvatarForcing, clips: Sequence[torch.Tensor], loop, out_dir: str | Path,
                         weights: ReconstructionWeights = ReconstructionWeights(), perceptual: nn.Module | None = None,
-                        device: torch.device | str = "cpu", dist_info=None, min_gap: int = 1):
-    """A ready `Trainer` of the motion auto-encoder on face-crop clips (uint8 [N, S, S, 3], S = input size)."""
+                        device: torch.device | str = "cpu", dist_info=None, min_gap: int = 1, pairs=None):
+    """A ready `Trainer` of the motion auto-encoder on face-crop clips (uint8 [N, S, S, 3], S = input size), or
+    on `pairs` given ready (e.g. `rig_pairs.RigPairs`; then `clips` is unused)."""
     from .loop import Trainer
 
     size = model.config.motion.input_size
@@ -273,7 +318,8 @@ def autoencoder_trainer(model: AvatarForcing, clips: Sequence[torch.Tensor], loo
             raise ValueError(f"clip {n}: crops are {list(clip.shape[1:3])}, the auto-encoder takes {size}x{size}")
     if not math.log2(size).is_integer():
         raise ValueError(f"input size {size} is not a power of two")
-    pairs = FramePairs(clips, seed=loop.seed, min_gap=min_gap)
+    if pairs is None:
+        pairs = FramePairs(clips, seed=loop.seed, min_gap=min_gap)
     model.to(device)
     net = Reconstruction(model.motion_autoencoder).requires_grad_(True)
     objective = ReconstructionObjective(weights, perceptual)

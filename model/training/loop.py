@@ -224,6 +224,7 @@ class Trainer:
                     history.append(row)
                     if self.dist.main:
                         if writer is None:
+                            _set_aside_other_columns(csv_path, list(row), self.step)
                             fh = open(csv_path, "a", newline="")  # noqa: SIM115 (kept open for the run)
                             writer = csv.DictWriter(fh, fieldnames=list(row))
                             if fh.tell() == 0:
@@ -256,3 +257,14 @@ def export_safetensors(state_dict_of: Callable[[nn.Module], dict[str, torch.Tens
 
 def write_json(path: Path, payload: dict) -> None:
     path.write_text(json.dumps(payload, indent=1, default=str))
+
+
+def _set_aside_other_columns(path: Path, fields: list[str], step: int) -> None:
+    """A resumed run whose metrics have other columns (an objective term added or dropped) starts a new
+    metrics.csv; the earlier rows stay readable as metrics-before-STEP.csv."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with open(path, newline="") as fh:
+        header = next(csv.reader(fh), [])
+    if header != fields:
+        path.replace(path.with_name(f"{path.stem}-before-{step}{path.suffix}"))
