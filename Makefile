@@ -50,13 +50,15 @@ test: lint
 	PYTHON=$(PY) scripts/run-tests.sh
 
 # The model to serve: AVATAR_FORCING_CONFIG / AVATAR_FORCING_WEIGHTS when set (official weights: see README);
-# otherwise, where the reference golden folder is beside the checkout, its small model with random weights.
-# With neither, `avatar-forcing serve` says in one line what is missing and what to do.
+# otherwise the official weights when they are in the Hugging Face cache, else the built-in model when this
+# checkout has its weights (weights/builtin; `avatar-forcing serve` says so in one line), else, where the
+# reference golden folder is beside the checkout, its small model with random weights.
 SMALL ?= ../shared/golden/avatar_forcing_ref_v1
 
 serve: install
-	@if [ -z "$$AVATAR_FORCING_CONFIG$$AVATAR_FORCING_WEIGHTS" ] && [ -f "$(SMALL)/small_config.json" ]; then \
-		echo "make serve: no model configured; serving the small test model of $(SMALL): random weights, so a moving, meaningless face (the page and transport work; no real avatar). Official weights: README, \"Official weights\"."; \
+	@if [ -z "$$AVATAR_FORCING_CONFIG$$AVATAR_FORCING_WEIGHTS" ] && [ ! -f weights/builtin/model.safetensors ] \
+			&& [ -f "$(SMALL)/small_config.json" ]; then \
+		echo "make serve: no model configured and no built-in weights; serving the small test model of $(SMALL): random weights, so a moving, meaningless face (the page and transport work; no real avatar). Official weights: README, \"Official weights\"."; \
 		export AVATAR_FORCING_CONFIG="$(SMALL)" AVATAR_FORCING_WEIGHTS="$(SMALL)/small_weights.safetensors"; \
 	fi; exec $(VENV)/bin/avatar-forcing serve
 

@@ -24,9 +24,11 @@ def add_generate_command(subparsers) -> None:
     p.add_argument("--user-video", required=True, type=Path, help="the user's side of the conversation")
     p.add_argument("--user-audio", type=Path, help="the user's audio (default: the user video's track)")
     p.add_argument("-o", "--output", required=True, type=Path, help="output .mp4")
-    p.add_argument("--config", default="official", help="'official' or a golden folder with small_config.json")
+    p.add_argument("--config", default="official",
+                   help="'official', 'builtin' (the built-in model) or a golden folder with small_config.json")
     p.add_argument("--weights", default=None,
-                   help="checkpoint directory or full-model file (default: $AVATAR_FORCING_WEIGHTS or the hub)")
+                   help="checkpoint directory or full-model file (default: $AVATAR_FORCING_WEIGHTS, else the official "
+                        "weights when cached, else the built-in model)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--seed", type=int, default=20, help="noise seed (same seed, same video)")
     p.add_argument("--no-crop", action="store_true", help="the portrait is already a square face crop")
@@ -38,7 +40,7 @@ def add_generate_command(subparsers) -> None:
 def run_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from avatar_forcing.weights import hub
+    from avatar_forcing.weights import builtin, hub
     from avatar_forcing.weights.loading import load_model
 
     from .model.config import config_from_name
@@ -56,11 +58,14 @@ def run_generate(args: argparse.Namespace) -> int:
     # Everything that can be wrong with the inputs is found before the model loads (minutes with the
     # official weights): missing files, a portrait without a face, a video that is not one, no weights.
     check_files(job)
+    use_builtin_unless_configured(args)
     cfg = config_from_name(args.config)
     portrait_crop(job.avatar_image, cfg.motion.input_size, job.crop_portrait, default_detector())
     probe_video(job.user_video)
     if args.config in ("", "official"):
         log.info("weights: %s", hub.preflight(args.weights))
+    elif args.config == builtin.NAME:
+        pass  # said by use_builtin_unless_configured, or chosen by name
     else:
         log.warning("the %s configuration with its random weights gives a moving, meaningless face: fine for "
                     "testing the pipeline, not an avatar (use the official weights for that)", args.config)
@@ -104,3 +109,21 @@ def run_generate(args: argparse.Namespace) -> int:
     log.info("wrote %s: %.2f s of video (%d frames) generated in %.1f s, %s", args.output, seconds,
              prepared.num_frames, elapsed, pace)
     return 0
+
+
+def use_builtin_unless_configured(args: argparse.Namespace) -> None:
+    """No --config, --weights or $AVATAR_FORCING_WEIGHTS and no official files in the cache: the built-in
+    model, said in one line (as `avatar-forcing serve` does)."""
+    import os
+
+    from avatar_forcing.weights import builtin, hub
+
+    if args.config == builtin.NAME:
+        args.weights = args.weights or builtin.NAME
+        return
+    if args.config not in ("", "official") or args.weights or os.environ.get(hub.WEIGHTS_ENV):
+        return
+    if hub.missing_from_cache() and builtin.available():
+        args.config, args.weights = builtin.NAME, builtin.NAME
+        log.warning("no official weights configured or cached: using %s (the official weights: README, "
+                    "\u201cOfficial weights\u201d)", builtin.describe())

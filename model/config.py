@@ -1,8 +1,8 @@
 """Typed configuration of the Avatar Forcing networks and sampler.
 
 Every width, depth and table the networks use is read from here; nothing in `model/` hard-codes a size
-of the official configuration. `official()` is the released `configs/inference.yaml` (MODEL_SPEC §0) and
-`from_golden_dir()` reads a reference folder's `small_config.json`.
+of the official configuration. `official()` is the released `configs/inference.yaml` (MODEL_SPEC §0),
+`from_golden_dir()` reads a reference folder's `small_config.json` and `builtin` names the built-in model's.
 """
 
 from __future__ import annotations
@@ -219,16 +219,21 @@ def from_reference_options(opts: dict[str, Any], *, channels: dict[int, int] | N
 def from_golden_dir(folder: str | Path) -> AvatarForcingConfig:
     """Read a reference golden folder's `small_config.json` (channel table, widths, wav2vec2 config)."""
     path = Path(folder) / "small_config.json"
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} not found: not a golden reference folder") from None
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: not a golden reference folder")
+    return from_config_file(path, default_name=str(folder))
+
+
+def from_config_file(path: str | Path, default_name: str = "custom") -> AvatarForcingConfig:
+    """A configuration file in the schema of a golden folder's `small_config.json`: the reference's options,
+    the auto-encoder's channel table, wav2vec2's config dict and, optionally, the recorded sampling settings."""
+    raw = json.loads(Path(path).read_text())
     opts = raw["model_config_as_passed_to_the_code"]
     mae = raw["motion_autoencoder"]
     table_key = next(k for k in mae if k.startswith("channel_table"))
     channels = {int(k): int(v) for k, v in mae[table_key].items()}
     w2v = raw["audio_encoder"]["wav2vec2_config_to_dict"]
-    cfg = from_reference_options(opts, channels=channels, wav2vec2=w2v, name=raw.get("name", str(folder)))
+    cfg = from_reference_options(opts, channels=channels, wav2vec2=w2v, name=raw.get("name", default_name))
     blur = tuple(mae.get("blur_kernel", (1, 3, 3, 1)))
     if blur != cfg.motion.blur_kernel:
         cfg = replace(cfg, motion=replace(cfg.motion, blur_kernel=blur))
@@ -239,14 +244,20 @@ def from_golden_dir(folder: str | Path) -> AvatarForcingConfig:
 
 
 def config_from_name(value: str | None) -> AvatarForcingConfig:
-    """A configuration named on a command line or in a setting: `official` (the default) or a golden
-    folder holding `small_config.json`."""
+    """A configuration named on a command line or in a setting: `official` (the default), `builtin` (the
+    built-in model, weights/builtin) or a golden folder holding `small_config.json`."""
     from avatar_forcing.errors import UserError
 
     if value in (None, "", "official"):
         return official()
+    if value == "builtin":
+        from avatar_forcing.weights import builtin
+
+        if not builtin.config_file().is_file():
+            raise UserError(f"--config builtin: {builtin.config_file()} is missing from this install")
+        return from_config_file(builtin.config_file(), default_name="builtin")
     if not (Path(value) / "small_config.json").is_file():
-        raise UserError(f"--config {value}: expected 'official' or a folder with a small_config.json")
+        raise UserError(f"--config {value}: expected 'official', 'builtin' or a folder with a small_config.json")
     try:
         return from_golden_dir(value)
     except (KeyError, ValueError) as exc:

@@ -356,6 +356,10 @@ def model_note(settings: ServerSettings) -> dict:
     """Which model serves, and what a person should expect of it (the page shows the note)."""
     if settings.config in ("", "official"):
         return {"name": "official", "note": ""}
+    if settings.config == "builtin":
+        return {"name": "builtin", "note": "This server runs the small built-in model (128 px, trained here on "
+                                          "rigged public-domain portraits and synthetic voices): it talks and "
+                                          "listens, but it is not the official model's quality."}
     return {"name": "test", "note": "This server runs a small test model with random weights: the face "
                                     "moves, but its speech and reactions mean nothing (not the official model)."}
 

@@ -15,6 +15,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
 import avatar_forcing
+from avatar_forcing.errors import UserError
 from avatar_forcing.model.avatar_forcing import AvatarForcing
 from avatar_forcing.model.config import config_from_name
 from avatar_forcing.model.cpus import usable_cpus
@@ -56,6 +57,20 @@ async def announce_ready(ctx: AppContext, model_name: str) -> None:
     log.info("ready: serving the %s model at %s://%s:%d/ (about %d concurrent session%s on this machine, "
              "measured; %d slots configured)", model_name, scheme, host, s.port, fit, "" if fit == 1 else "s",
              s.max_sessions)
+
+
+def add_sample_portrait(avatars: AvatarStore) -> None:
+    """The built-in model's sample portrait (public domain, weights/builtin/portrait.jpg) in the portrait
+    list, so a first visit can press Start at once."""
+    from avatar_forcing.weights import builtin
+
+    path = builtin.folder() / "portrait.jpg"
+    try:
+        avatar = avatars.add(path.read_bytes())
+    except (OSError, UserError) as exc:
+        log.warning("the sample portrait %s could not be added: %s", path, exc)
+        return
+    log.info("sample portrait %s added as avatar %s", path.name, avatar.avatar_id)
 
 
 def is_loopback(host: str) -> bool:
@@ -102,6 +117,8 @@ def create_app(settings: ServerSettings | None = None, *,
             ThreadPoolExecutor(max_workers=2 * settings.max_sessions + 4, thread_name_prefix="codec"))
         worker.start()
         await asyncio.get_running_loop().run_in_executor(None, video.start)
+        if settings.config == "builtin":
+            await asyncio.get_running_loop().run_in_executor(executor, add_sample_portrait, avatars)
         sessions.start()
         lag_task = asyncio.get_running_loop().create_task(watch_loop_lag(ctx))
         # "Serving" only once the model has loaded and been measured: until then the page and /readyz

@@ -69,12 +69,21 @@ def add_serve_command(subparsers) -> None:
 
 def check_model(settings: ServerSettings) -> str:
     """What will be served, checked before anything slow starts: a configuration that parses and weights
-    that are on disk (or a hub that answers). Raises UserError with what to do instead."""
+    that are on disk (or a hub that answers). May switch `settings` to the built-in model (see
+    `choose_default_model`). Raises UserError with what to do instead."""
     from avatar_forcing.errors import UserError, WeightsError
     from avatar_forcing.model.config import config_from_name
-    from avatar_forcing.weights import hub
+    from avatar_forcing.weights import builtin, hub
 
+    choose_default_model(settings)
     config_from_name(settings.config)  # raises on a bad --config
+    if settings.config == builtin.NAME:
+        if settings.weights in (None, "", builtin.NAME):
+            settings.weights = builtin.NAME
+            if not builtin.weights_file().is_file():
+                raise UserError(f"--config builtin: {builtin.weights_file()} is missing from this install")
+            return builtin.describe()
+        return f"the built-in model's architecture with the weights {hub.weights_source(settings.weights)}"
     if settings.config not in ("", "official"):
         source = hub.weights_source(settings.weights)
         if source == hub.HUB or not Path(source).exists():
@@ -91,6 +100,22 @@ def check_model(settings: ServerSettings) -> str:
                         f"where the hub is reachable, then AVATAR_FORCING_WEIGHTS=$PWD/weights make serve. "
                         f"To try the page without them: README, \u201cTry it\u201d.") from None
     return f"the official model from {where}"
+
+
+def choose_default_model(settings: ServerSettings) -> None:
+    """Nothing configured (no --config, no --weights, no AVATAR_FORCING_* for them): the official model when
+    its files are already in the Hugging Face cache, else the built-in one, said in one line. Anything
+    configured is left as it is: `--weights hub` still downloads."""
+    from avatar_forcing.weights import builtin, hub
+
+    if settings.config not in ("", "official") or settings.weights not in (None, ""):
+        return
+    if not hub.missing_from_cache() or not builtin.available():
+        return
+    settings.config, settings.weights = builtin.NAME, builtin.NAME
+    log.warning("no official weights configured or cached: serving %s. For the real avatar: the official "
+                "weights (about %d MB, non-commercial, a GPU for real time): README, \u201cOfficial weights\u201d.",
+                builtin.describe(), hub.total_mb())
 
 
 def limit_malloc_arenas(arenas: int = 2) -> None:

@@ -67,9 +67,10 @@ def test_every_command_registers(tmp_path):
         assert info.value.code == 0, name
 
 
-def test_serve_without_weights_says_what_to_do_within_seconds(tmp_path):
-    """A fresh machine with no model and no network: two lines, at once, no retries, no server started."""
-    done, took = run(["serve", "--port", str(closed_port())], tmp_path)
+def test_serve_from_an_unreachable_hub_says_what_to_do_within_seconds(tmp_path):
+    """The official weights asked for (`--weights hub`) on a machine with no network: two lines, at once, no
+    retries, no server started. (With nothing configured the built-in model serves: test_builtin.py.)"""
+    done, took = run(["serve", "--weights", "hub", "--port", str(closed_port())], tmp_path)
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     error = [line for line in lines if "error:" in line or line.startswith("  ")]
@@ -82,7 +83,7 @@ def test_serve_without_weights_says_what_to_do_within_seconds(tmp_path):
 
 
 def test_serve_offline_mode_is_one_line_too(tmp_path):
-    done, took = run(["serve"], tmp_path, HF_HUB_OFFLINE="1")
+    done, took = run(["serve", "--weights", "hub"], tmp_path, HF_HUB_OFFLINE="1")
     assert done.returncode == 2 and "offline mode is on (HF_HUB_OFFLINE)" in done.stderr, done.stderr
     assert took < 10
 

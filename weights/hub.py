@@ -21,6 +21,7 @@ from pathlib import Path
 
 from avatar_forcing.errors import WeightsError
 
+from . import builtin
 from .registry import CHECKPOINTS, FLOW_TRANSFORMER, MOTION_AUTOENCODER, WAV2VEC2, Checkpoint
 
 log = logging.getLogger(__name__)
@@ -74,11 +75,14 @@ def hub_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 def weights_source(weights: str | os.PathLike | None) -> str | Path:
-    """`None` -> $AVATAR_FORCING_WEIGHTS if set, else the hub; "hub" -> the hub; anything else -> a path."""
+    """`None` -> $AVATAR_FORCING_WEIGHTS if set, else the hub; "hub" -> the hub; "builtin" -> the built-in
+    model's file; anything else -> a path."""
     if weights is None or str(weights) == "":
         weights = os.environ.get(WEIGHTS_ENV) or HUB
     if isinstance(weights, str) and weights == HUB:
         return HUB
+    if isinstance(weights, str) and weights == builtin.NAME:
+        return builtin.weights_file()
     return Path(weights).expanduser()
 
 

@@ -1,0 +1,40 @@
+"""The built-in model: small weights trained here from material we may ship, inside the package.
+
+It serves when no official weights are configured, so a fresh machine (no download, no GPU) shows a face
+that talks and listens. Its architecture is `builtin/config.json` (the schema of a golden folder's
+small_config.json); its weights are `builtin/model.safetensors` (the whole model under official names); how
+they were made, what they can and cannot do: `builtin/MODEL_CARD.md`. `scripts/train-builtin.sh` remakes
+them from scratch.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+NAME = "builtin"
+FOLDER_NAME = "builtin"
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def folder() -> Path:
+    return Path(str(resources.files("avatar_forcing.weights"))) / FOLDER_NAME
+
+
+def config_file() -> Path:
+    return folder() / CONFIG_NAME
+
+
+def weights_file() -> Path:
+    return folder() / WEIGHTS_NAME
+
+
+def available() -> bool:
+    """Whether this install carries the built-in weights (an install without package data would not)."""
+    return config_file().is_file() and weights_file().is_file()
+
+
+def describe() -> str:
+    return (f"the built-in model ({weights_file().stat().st_size / 1e6:.0f} MB, trained here on rigged public-domain "
+            f"portraits; {FOLDER_NAME}/MODEL_CARD.md)")
