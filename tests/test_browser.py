@@ -544,3 +544,108 @@ def test_browser_without_loopback_candidates_fails_at_once(server, media, avatar
         driver.quit()
     # It failed before asking the server for a session: nothing there holds a slot.
     assert server.process.metric("avatar_sessions_started_total") == started
+
+
+# ---- the built-in model through the page ----
+
+FRESH_FRAMES_JS = """
+const done = arguments[arguments.length - 1];
+const seconds = arguments[0];
+const v = document.getElementById('remote');
+const c = document.createElement('canvas');
+c.width = v.videoWidth; c.height = v.videoHeight;
+const g = c.getContext('2d', {willReadFrequently: true});
+let last = null, frames = 0, fresh = 0, t0 = null;
+function tick(now) {
+  if (t0 === null) t0 = now;
+  g.drawImage(v, 0, 0);
+  const d = g.getImageData(0, 0, c.width, c.height).data;
+  let sum = 0;
+  for (let i = 0; i < d.length; i += 3) sum = (sum * 31 + d[i]) >>> 0;
+  frames++;
+  if (sum !== last) fresh++;
+  last = sum;
+  if (now - t0 < seconds * 1000) v.requestVideoFrameCallback(tick);
+  else done({frames: frames, fresh: fresh, seconds: (now - t0) / 1000});
+}
+v.requestVideoFrameCallback(tick);
+"""
+
+
+def write_y4m_frames(frames: np.ndarray, dst: Path) -> None:
+    """RGB frames [N, H, W, 3] as YUV4MPEG2 (Chromium's fake camera)."""
+    h, w = frames.shape[1:3]
+    with open(dst, "wb") as out:
+        out.write(f"YUV4MPEG2 W{w} H{h} F{FPS}:1 Ip A1:1 C420jpeg\n".encode())
+        for rgb in frames:
+            yuv = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24").reformat(format="yuv420p")
+            out.write(b"FRAME\n")
+            out.write(yuv.to_ndarray().tobytes())
+
+
+@pytest.fixture(scope="module")
+def builtin_media(tmp_path_factory):
+    """A user made here (a rigged look of the packaged public-domain portrait, a held-out espeak-ng voice) for
+    the fake camera and microphone, and the avatar's portrait (another look): nothing from ../shared."""
+    import shutil
+
+    from avatar_forcing.model.media.face import crop_portrait
+    from avatar_forcing.model.media.image import load_image
+    from avatar_forcing.model.training.conversations import augmented, make_conversation, packaged_portraits, render
+    from avatar_forcing.model.training.rig import FaceRig
+    from avatar_forcing.weights import builtin
+
+    if not builtin.available() or shutil.which("espeak-ng") is None or not packaged_portraits():
+        pytest.skip("needs weights/builtin, espeak-ng and matplotlib's sample portrait")
+    folder = tmp_path_factory.mktemp("builtin_devices")
+    grace = crop_portrait(load_image(packaged_portraits()["grace_hopper"]), 256)
+    conversation = make_conversation(10, seed=4242, voices=("en-gb-x-gbclan", "en-029"))
+    user = render(FaceRig(augmented(grace, 515151)), conversation.expressions("user"))
+    y4m, wav = folder / "user.y4m", folder / "user.wav"
+    write_y4m_frames(user, y4m)
+    pcm = (np.clip(conversation.user.pcm, -1, 1) * 32767).astype("<i2")
+    with wave.open(str(wav), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(pcm.tobytes())
+    portrait = folder / "avatar.png"
+    import cv2
+
+    cv2.imwrite(str(portrait), cv2.cvtColor(augmented(grace, 424242), cv2.COLOR_RGB2BGR))
+    return (y4m, wav), portrait
+
+
+def test_builtin_model_talks_and_listens_through_the_page(builtin_media, tmp_path):
+    """The server with nothing but the built-in model: the page plays it at 25 fps with fresh pictures while
+    it speaks (the test phrase) and while it listens (the fake microphone's user), and says which model runs.
+    Screenshots: builtin_speaking.png and builtin_listening.png."""
+    devices, portrait = builtin_media
+    process = ServerProcess(tmp_path, config="builtin", weights="builtin", max_sessions=1).start()
+    server = Server(process)
+    driver = launch_browser(devices, tmp_path / "browser")
+    try:
+        listed = server.http.get("/v1/avatars").json()["avatars"]
+        assert len(listed) == 1, f"the built-in model's sample portrait, ready to pick: {listed}"
+        r = server.http.post("/v1/avatars", content=portrait.read_bytes(), headers={"Content-Type": "image/png"})
+        assert r.status_code == 201, r.text
+        go_live(driver, server.base, r.json()["avatar_id"])
+        notes = driver.find_element(By.ID, "server-notes")
+        wait_for("the built-in model's note", lambda: "built-in model" in notes.text, 5, context=server.logs)
+        wait_for("the avatar video", lambda: driver.execute_script(VIDEO_JS)["time"] > 1, 20, context=server.logs)
+        listening = driver.execute_async_script(FRESH_FRAMES_JS, 2.0)
+        screenshot(driver, "builtin_listening")
+        driver.find_element(By.ID, "test-phrase").click()
+        time.sleep(1.0)  # the phrase reaches the model and its first blocks come back
+        speaking = driver.execute_async_script(FRESH_FRAMES_JS, 2.0)
+        screenshot(driver, "builtin_speaking")
+        print("page while listening:", listening, "while speaking:", speaking)
+        for what, seen in (("listening", listening), ("speaking", speaking)):
+            fps = seen["frames"] / seen["seconds"]
+            assert fps > 18, f"{what}: {fps:.1f} fps shown\n{server.logs()}"
+            assert seen["fresh"] >= 0.8 * seen["frames"], f"{what}: {seen}\n{server.logs()}"
+        assert browser_errors(driver) == []
+    finally:
+        driver.quit()
+        server.http.close()
+        process.stop()

@@ -1,0 +1,81 @@
+"""The built-in model's done-when measures on held-out conversations (voices and portrait looks the training
+never used), printed one line per conversation and summarised; with --long-minutes, identity drift of one
+long session (SSIM of the face region at its last minute against its first).
+
+    .venv/bin/python benchmarks/builtin_behaviour.py --seeds 1 2 3 4 --seconds 30
+    .venv/bin/python benchmarks/builtin_behaviour.py --seeds 1 --long-minutes 10
+    .venv/bin/python benchmarks/builtin_behaviour.py --portrait some_face.jpg     # an uploaded portrait
+
+Options --config / --weights measure another model the same way (default: the built-in one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from avatar_forcing.model.config import config_from_name
+from avatar_forcing.model.media.face import crop_portrait
+from avatar_forcing.model.media.image import load_image
+from avatar_forcing.model.training.behaviour import face_ssim, generate_for, measure
+from avatar_forcing.model.training.conversations import augmented, make_conversation, packaged_portraits
+from avatar_forcing.weights.loading import load_model
+
+HELD_OUT_VOICES = (("en-gb-x-gbclan", "en-029"), ("en-029", "en-gb-x-gbcwmd"), ("en-gb-x-gbcwmd", "en-gb-x-gbclan"))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="builtin")
+    p.add_argument("--weights", default="builtin")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4])
+    p.add_argument("--seconds", type=float, default=30.0)
+    p.add_argument("--portrait", type=Path, default=None, help="the avatar's portrait (default: held-out looks)")
+    p.add_argument("--long-minutes", type=float, default=0.0, help="also one session this long: identity drift")
+    p.add_argument("--save-frames", type=Path, default=None, help="write the first conversation's frames (.npy)")
+    args = p.parse_args()
+    torch.set_num_threads(2)
+    model = load_model(config_from_name(args.config), args.weights)
+    size = model.config.motion.input_size
+    grace = crop_portrait(load_image(packaged_portraits()["grace_hopper"]), size)
+    uploaded = crop_portrait(load_image(args.portrait), size) if args.portrait else None
+    results = []
+    for seed in args.seeds:
+        avatar = uploaded if uploaded is not None else augmented(grace, 400_000 + seed)
+        user = augmented(grace, 500_000 + seed)
+        conversation = make_conversation(args.seconds, seed=90_000 + seed,
+                                         voices=HELD_OUT_VOICES[seed % len(HELD_OUT_VOICES)])
+        t0 = time.perf_counter()
+        frames = generate_for(model, conversation, avatar, user)
+        took = time.perf_counter() - t0
+        if args.save_frames and not results:
+            np.save(args.save_frames, frames)
+        behaviour = measure(conversation, avatar, frames)
+        results.append(behaviour)
+        print(f"seed {seed}: {behaviour.line()} ({took:.0f} s for {args.seconds:.0f} s)", flush=True)
+    backs = [b for r in results for b in r.smile_backs]
+    print(f"summary over {len(results)} conversations of {args.seconds:.0f} s: "
+          f"lip sync r median {np.median([r.lip_sync for r in results]):.2f} "
+          f"(lags {sorted(r.lip_lag for r in results)}), "
+          f"listening ratio median {np.median([r.listening_ratio for r in results]):.2f}x "
+          f"(min {min(r.listening_ratio for r in results):.2f}), "
+          f"smile back {np.mean(backs) if backs else float('nan'):.0%} of {len(backs)} onsets, "
+          f"identity SSIM of first frames min {min(r.identity_first for r in results):.3f}")
+    if args.long_minutes > 0:
+        seed = args.seeds[0]
+        avatar = uploaded if uploaded is not None else augmented(grace, 400_000 + seed)
+        conversation = make_conversation(args.long_minutes * 60, seed=91_000 + seed, voices=HELD_OUT_VOICES[0])
+        frames = generate_for(model, conversation, avatar, augmented(grace, 500_000 + seed))
+        minute = 60 * 25
+        first = np.mean([face_ssim(f, avatar) for f in frames[:minute:25]])
+        last = np.mean([face_ssim(f, avatar) for f in frames[-minute::25]])
+        print(f"{args.long_minutes:.0f}-minute session: face-region SSIM to the portrait, minute 1 {first:.3f}, "
+              f"last minute {last:.3f} ({last / first:.0%} of minute 1)")
+
+
+if __name__ == "__main__":
+    main()
