@@ -152,6 +152,11 @@ def add_autoencoder_command(kinds) -> None:
                         "packaged public-domain portrait, with their expressions (see --code-weight)")
     k.add_argument("--code-weight", type=float, default=0.0,
                    help="rig pairs: weight of the motion magnitudes' regression onto the known expression")
+    k.add_argument("--teacher", type=float, default=0.0,
+                   help="rig pairs: share of pairs whose decoder gets the known expression (teacher forcing)")
+    k.add_argument("--motion-lr-scale", type=float, default=1.0,
+                   help="learning-rate multiplier of the motion MLP (enc.fc): it must amplify small differences "
+                        "of the appearance code into motion magnitudes")
     k.add_argument("--out", required=True, type=Path,
                    help="run folder: motion_autoencoder.safetensors, model.safetensors, metrics.csv, state")
     k.add_argument("--config", default="official", help="'official' or a folder with small_config.json")
@@ -246,10 +251,11 @@ def run_train_autoencoder(args: argparse.Namespace) -> int:
             raise UserError(str(exc)) from exc
     weights = ReconstructionWeights(ssim=args.ssim_weight, gradient=args.gradient_weight,
                                     perceptual=args.perceptual_weight, moving=args.moving_weight,
-                                    code=args.code_weight)
+                                    code=args.code_weight, teacher=args.teacher)
     loop = LoopSettings(steps=args.steps, micro_batch=args.batch, accumulation=args.accumulation, lr=args.lr,
                         warmup=args.warmup, ema_decay=args.ema, bf16=args.bf16, save_every=args.save_every,
-                        seed=args.seed, progress=not args.no_progress)
+                        seed=args.seed, progress=not args.no_progress,
+                        lr_scale={"enc.fc.": args.motion_lr_scale} if args.motion_lr_scale != 1.0 else {})
     try:
         trainer = autoencoder_trainer(model, clips, loop, args.out, weights, perceptual, device, dist_info,
                                       min_gap=args.min_gap, pairs=pairs)

@@ -146,3 +146,35 @@ def test_moving_l1_sees_only_what_moved():
     assert float(moving_l1(elsewhere, driving, source)) < 0.01
     # The plain L1 of copying the source is small next to it: the reason for the term.
     assert float((source - driving).abs().mean()) < 0.05 * copy
+
+
+def test_learning_rate_multipliers_by_parameter_prefix():
+    """--motion-lr-scale: the motion MLP's parameters step with a larger rate, the rest with lr."""
+    from avatar_forcing.model.training.loop import parameter_groups
+
+    net = torch.nn.ModuleDict({"fc": torch.nn.Linear(2, 2), "conv": torch.nn.Linear(2, 2)})
+    groups = parameter_groups(list(net.named_parameters()), {"fc.": 10.0})
+    assert sorted(g["lr_scale"] for g in groups) == [1.0, 10.0]
+    fast = next(g for g in groups if g["lr_scale"] == 10.0)
+    assert {id(p) for p in fast["params"]} == {id(p) for p in net["fc"].parameters()}
+
+
+def test_teacher_forcing_feeds_the_known_expression_to_the_decoder():
+    """Forced pairs decode the known code (another code, another frame); unforced pairs ignore it."""
+    from avatar_forcing.model.avatar_forcing import build_model
+
+    cfg = from_golden_dir(FOLDER)
+    torch.manual_seed(0)
+    net = Reconstruction(build_model(cfg, "cpu").motion_autoencoder).eval()
+    size = cfg.motion.input_size
+    gen = torch.Generator().manual_seed(2)
+    source, driving = (torch.rand(2, 3, size, size, generator=gen) * 2 - 1 for _ in range(2))
+    a, b = torch.zeros(2, 8), torch.ones(2, 8)
+    forced, free = torch.tensor([True, True]), torch.tensor([False, False])
+    with torch.no_grad():
+        plain = net(source, driving)
+        assert torch.equal(net(source, driving, known=a, forced=free), plain)
+        assert not torch.allclose(net(source, driving, known=a, forced=forced),
+                                  net(source, driving, known=b, forced=forced))
+        _, magnitudes = net(source, driving, with_magnitudes=True, known=a, forced=forced)
+    assert magnitudes.shape == (2, cfg.motion.motion_dim)  # the encoder's own prediction, for the code loss

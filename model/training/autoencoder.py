@@ -45,14 +45,23 @@ class Reconstruction(nn.Module):
         self.enc = autoencoder.enc
         self.dec = autoencoder.dec
 
-    def forward(self, source: torch.Tensor, driving: torch.Tensor,
-                with_magnitudes: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """The rebuilt frame; with `with_magnitudes`, also the driving frame's motion magnitudes (lambda)."""
+    def forward(self, source: torch.Tensor, driving: torch.Tensor, with_magnitudes: bool = False,
+                known: torch.Tensor | None = None,
+                forced: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The rebuilt frame; with `with_magnitudes`, also the driving frame's motion magnitudes (lambda).
+        Teacher forcing: for the pairs marked in `forced` [B] the decoder gets `known` [B, K] as the first K
+        magnitudes instead of the encoder's, so it learns what they mean while the encoder learns to
+        predict them (the code loss)."""
         b = source.shape[0]
         codes, feats = self.enc.net_app(torch.cat([source, driving]))  # one encoder call for both
         s_r = codes[:b]
         magnitudes = self.enc.fc(codes[b:])
-        image = self.dec(s_r + self.dec.direction(magnitudes), [f[:b] for f in feats]).image
+        decoded = magnitudes
+        if known is not None and forced is not None:
+            k = known.shape[1]
+            first = torch.where(forced[:, None], known.to(magnitudes.dtype), magnitudes[:, :k])
+            decoded = torch.cat([first, magnitudes[:, k:]], 1)
+        image = self.dec(s_r + self.dec.direction(decoded), [f[:b] for f in feats]).image
         return (image, magnitudes) if with_magnitudes else image
 
 
@@ -212,6 +221,7 @@ class ReconstructionWeights:
     perceptual: float = 1.0  # used only with a perceptual network
     moving: float = 0.0  # L1 where source and driving differ (see `moving_l1`)
     code: float = 0.0  # rig-rendered pairs: the first motion magnitudes regress the known expression
+    teacher: float = 0.0  # rig-rendered pairs: share of pairs whose decoder gets the known expression
 
 
 class ReconstructionObjective:
@@ -236,7 +246,10 @@ class ReconstructionObjective:
 
     def loss(self, net: nn.Module, batch: PairBatch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         if self.w.code and batch.driving_code is not None:
-            recon, magnitudes = net(batch.source, batch.driving, with_magnitudes=True)
+            # Teacher forcing for a share of the pairs (the same pairs at any batch split: keyed by pair).
+            forced = ((batch.keys * 2_654_435_761 + step) % 1000 < int(self.w.teacher * 1000)).to(batch.source.device)
+            recon, magnitudes = net(batch.source, batch.driving, with_magnitudes=True, known=batch.driving_code,
+                                    forced=forced)
             parts = self.parts(recon, batch.driving, batch.source)
             known = batch.driving_code.float()
             parts["code"] = ((magnitudes[:, :known.shape[1]].float() - known) ** 2).mean(1)

@@ -17,7 +17,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -53,6 +53,8 @@ class LoopSettings:
     accumulation: int = 1
     lr: float = 1e-4
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * this
+    # Parameter-name prefix -> learning-rate multiplier (e.g. {"enc.fc.": 10}); the rest use lr.
+    lr_scale: dict[str, float] = field(default_factory=dict)
     warmup: int = 500
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
@@ -72,6 +74,15 @@ def learning_rate(step: int, s: LoopSettings) -> float:
     span = max(1, s.steps - s.warmup)
     progress = min(1.0, (step - s.warmup) / span)
     return s.lr * (s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def parameter_groups(named: list[tuple[str, nn.Parameter]], lr_scale: dict[str, float]) -> list[dict]:
+    """One optimiser group per learning-rate multiplier; the first matching prefix of `lr_scale` wins."""
+    groups: dict[float, list[nn.Parameter]] = {}
+    for name, param in named:
+        scale = next((v for prefix, v in lr_scale.items() if name.startswith(prefix)), 1.0)
+        groups.setdefault(scale, []).append(param)
+    return [{"params": params, "lr_scale": scale} for scale, params in groups.items()]
 
 
 class EMA:
@@ -126,11 +137,12 @@ class Trainer:
         self.export = export
         self.device = device
         self.dist = dist_info or Distributed()
-        self.params = [p for p in module.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in named]
         if not self.params:
             raise ValueError("nothing to train: the module has no parameter that requires grad")
-        self.optimizer = torch.optim.AdamW(self.params, lr=settings.lr, betas=settings.betas,
-                                           weight_decay=settings.weight_decay)
+        self.optimizer = torch.optim.AdamW(parameter_groups(named, settings.lr_scale), lr=settings.lr,
+                                           betas=settings.betas, weight_decay=settings.weight_decay)
         self.ema = EMA(module, settings.ema_decay)
         self.net: nn.Module = module
         if self.dist.active:
@@ -174,7 +186,7 @@ class Trainer:
         s = self.s
         lr = learning_rate(self.step, s)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
         for k in range(s.accumulation):

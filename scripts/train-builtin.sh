@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Makes the built-in model (weights/builtin/model.safetensors) from scratch, seeded, with the project's own
+# commands: conversations made here, the motion auto-encoder, data preparation, flow matching, DPO.
+# In progress (issue 15): the steps run, the shipped weights do not exist yet; docs/training.md §6 says where
+# the recipe stands and what was measured.
+#
+#   scripts/train-builtin.sh RUN_DIR            # then: cp RUN_DIR/dpo/model.safetensors weights/builtin/
+#
+# Needs `make install-train` (espeak-ng, the face mesh, matplotlib's public-domain portrait). Step sizes can be
+# changed through the environment (AE_STEPS, FM_STEPS, DPO_STEPS, CONVERSATIONS, CONV_SECONDS). Every step resumes
+# or skips what an earlier run of the same command finished.
+set -euo pipefail
+
+RUN=${1:?usage: scripts/train-builtin.sh RUN_DIR}
+PY=${PYTHON:-.venv/bin/python}
+CLI=("$PY" -m avatar_forcing.cli)
+SEEDS=${SEEDS:-"1 2 3"}
+CONVERSATIONS=${CONVERSATIONS:-12}
+SECONDS_EACH=${CONV_SECONDS:-20}
+AE_STEPS=${AE_STEPS:-2500}
+FM_STEPS=${FM_STEPS:-2000}
+DPO_STEPS=${DPO_STEPS:-200}
+mkdir -p "$RUN"
+stamp() { echo "[$(date +%H:%M:%S)] $*"; }
+
+# 1. Dyadic conversations: rigged looks of the packaged public-domain portrait, espeak-ng voices.
+for seed in $SEEDS; do
+    if [ ! -f "$RUN/convs/s$seed/manifest.jsonl" ]; then
+        stamp "conversations, seed $seed"
+        "${CLI[@]}" data conversations --out "$RUN/convs/s$seed" --count "$CONVERSATIONS" --seconds "$SECONDS_EACH" \
+            --size 128 --seed "$seed"
+    fi
+done
+# One manifest over all of them (paths relative to it).
+"$PY" - "$RUN/convs" <<'EOF'
+import json, sys
+from pathlib import Path
+root = Path(sys.argv[1])
+rows = []
+for manifest in sorted(root.glob("s*/manifest.jsonl")):
+    for line in manifest.read_text().splitlines():
+        row = json.loads(line)
+        rows.append({k: (f"{manifest.parent.name}/{v}" if k.endswith("_video") else v) for k, v in row.items()})
+(root / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+EOF
+
+# 2. The motion auto-encoder from random weights (the flow heads start still), on pairs the face rig renders on
+# the fly from the conversations' looks, with the driving frame's expression as numbers: the first motion
+# magnitudes learn to equal them (--code-weight, with their own learning rate), half of the pairs decode the
+# known expression (--teacher), and the error where the frames differ counts extra (--moving-weight).
+# Why each: docs/training.md §6.
+stamp "auto-encoder, $AE_STEPS steps"
+"${CLI[@]}" train autoencoder --rig-looks 24 --out "$RUN/ae" --config builtin --weights none --device cpu \
+    --steps "$AE_STEPS" --batch 8 --lr 1e-3 --warmup 100 --ema 0.995 --code-weight 10 --motion-lr-scale 10 \
+    --teacher 0.5 --moving-weight 1.0 --save-every 250 --seed 0 --no-progress
+
+# 3. Training shards: motion latents of both sides and the (frozen, seeded) audio features.
+stamp "prepare"
+"${CLI[@]}" data prepare --manifest "$RUN/convs/manifest.jsonl" --out "$RUN/shards" --config builtin \
+    --weights "$RUN/ae/model.safetensors" --device cpu --no-progress
+
+# 4. Diffusion-forcing flow matching, then 5. label-free DPO.
+stamp "flow matching, $FM_STEPS steps"
+"${CLI[@]}" train transformer --data "$RUN/shards" --out "$RUN/fm" --config builtin \
+    --weights "$RUN/ae/model.safetensors" --device cpu --steps "$FM_STEPS" --batch 16 --lr 1e-3 --warmup 200 \
+    --save-every 500 --seed 0 --no-progress
+stamp "DPO, $DPO_STEPS steps"
+"${CLI[@]}" train dpo --data "$RUN/shards" --out "$RUN/dpo" --config builtin --weights "$RUN/fm/model.safetensors" \
+    --device cpu --steps "$DPO_STEPS" --batch 16 --lr 1e-4 --warmup 20 --ema 0.99 --save-every 100 --seed 0 \
+    --no-progress
+stamp "done: $RUN/dpo/model.safetensors"
