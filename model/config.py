@@ -12,6 +12,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+# The built-in model's sizes (`--config builtin`; its weights are weights/builtin).
+BUILTIN_CONFIG = Path(__file__).resolve().parent / "configs" / "builtin.json"
+
 # The appearance encoder / synthesis decoder resolution -> channels table of LIA (channel_multiplier 1).
 OFFICIAL_CHANNELS = {4: 512, 8: 512, 16: 512, 32: 512, 64: 256, 128: 128, 256: 64, 512: 32, 1024: 16}
 
@@ -245,17 +248,15 @@ def from_config_file(path: str | Path, default_name: str = "custom") -> AvatarFo
 
 def config_from_name(value: str | None) -> AvatarForcingConfig:
     """A configuration named on a command line or in a setting: `official` (the default), `builtin` (the
-    built-in model, weights/builtin) or a golden folder holding `small_config.json`."""
+    built-in model's sizes, model/configs/builtin.json) or a golden folder holding `small_config.json`."""
     from avatar_forcing.errors import UserError
 
     if value in (None, "", "official"):
         return official()
     if value == "builtin":
-        from avatar_forcing.weights import builtin
-
-        if not builtin.config_file().is_file():
-            raise UserError(f"--config builtin: {builtin.config_file()} is missing from this install")
-        return from_config_file(builtin.config_file(), default_name="builtin")
+        if not BUILTIN_CONFIG.is_file():
+            raise UserError(f"--config builtin: {BUILTIN_CONFIG} is missing from this install")
+        return from_config_file(BUILTIN_CONFIG, default_name="builtin")
     if not (Path(value) / "small_config.json").is_file():
         raise UserError(f"--config {value}: expected 'official', 'builtin' or a folder with a small_config.json")
     try:

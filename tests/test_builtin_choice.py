@@ -1,7 +1,7 @@
 """Which model serves when nothing is configured: the official one when its files are cached, else the built-in
 one (said in one line), and anything configured is left alone; for `avatar-forcing serve` and `generate`.
-A stand-in built-in folder (the golden small model's config and weights) makes this independent of whether
-this checkout carries the trained weights; tests/test_builtin.py checks those."""
+A stand-in built-in folder holding the golden small model's weights (the built-in model's sizes) makes this
+independent of whether this checkout carries the trained weights; tests/test_builtin.py checks those."""
 
 from __future__ import annotations
 
@@ -27,7 +27,6 @@ pytestmark = pytest.mark.skipif(GOLDEN is None, reason="needs the golden small c
 def stand_in(tmp_path, monkeypatch):
     folder = tmp_path / "builtin"
     folder.mkdir()
-    shutil.copy(GOLDEN / "small_config.json", folder / builtin.CONFIG_NAME)
     shutil.copy(GOLDEN / "small_weights.safetensors", folder / builtin.WEIGHTS_NAME)
     monkeypatch.setattr(builtin, "folder", lambda: folder)
     monkeypatch.setattr(hub, "missing_from_cache", lambda cache_dir=None: list(hub.CHECKPOINTS))

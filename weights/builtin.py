@@ -1,10 +1,10 @@
 """The built-in model: small weights trained here from material we may ship, inside the package.
 
 It serves when no official weights are configured, so a fresh machine (no download, no GPU) shows a face
-that talks and listens. Its architecture is `builtin/config.json` (the schema of a golden folder's
-small_config.json); its weights are `builtin/model.safetensors` (the whole model under official names); how
-they were made, what they can and cannot do: `builtin/MODEL_CARD.md`. `scripts/train-builtin.sh` remakes
-them from scratch.
+that talks and listens. Its sizes are model/configs/builtin.json (`--config builtin`, the schema of a golden
+folder's small_config.json); its weights are `builtin/model.safetensors` (the whole model under official
+names); how they were made and what they can and cannot do: `builtin/MODEL_CARD.md`.
+`scripts/train-builtin.sh` makes them from scratch.
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
+from avatar_forcing.model.config import BUILTIN_CONFIG
+
 NAME = "builtin"
 FOLDER_NAME = "builtin"
-CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
@@ -23,7 +24,7 @@ def folder() -> Path:
 
 
 def config_file() -> Path:
-    return folder() / CONFIG_NAME
+    return BUILTIN_CONFIG
 
 
 def weights_file() -> Path:
