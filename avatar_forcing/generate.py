@@ -64,9 +64,7 @@ def run_generate(args: argparse.Namespace) -> int:
     probe_video(job.user_video)
     if args.config in ("", "official"):
         log.info("weights: %s", hub.preflight(args.weights))
-    elif args.config == builtin.NAME:
-        pass  # said by use_builtin_unless_configured, or chosen by name
-    else:
+    elif args.config != builtin.NAME:  # (the built-in model was announced, or named)
         log.warning("the %s configuration with its random weights gives a moving, meaningless face: fine for "
                     "testing the pipeline, not an avatar (use the official weights for that)", args.config)
     device = pick_device(args.device)
@@ -112,18 +110,14 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def use_builtin_unless_configured(args: argparse.Namespace) -> None:
-    """No --config, --weights or $AVATAR_FORCING_WEIGHTS and no official files in the cache: the built-in
-    model, said in one line (as `avatar-forcing serve` does)."""
+    """Nothing configured and no official files in the cache: the built-in model, said in one line (as
+    `avatar-forcing serve` does)."""
     import os
 
     from avatar_forcing.weights import builtin, hub
 
     if args.config == builtin.NAME:
         args.weights = args.weights or builtin.NAME
-        return
-    if args.config not in ("", "official") or args.weights or os.environ.get(hub.WEIGHTS_ENV):
-        return
-    if hub.missing_from_cache() and builtin.available():
+    elif builtin.stands_in(args.config, args.weights or os.environ.get(hub.WEIGHTS_ENV)):
         args.config, args.weights = builtin.NAME, builtin.NAME
-        log.warning("no official weights configured or cached: using %s (the official weights: README, "
-                    "\u201cOfficial weights\u201d)", builtin.describe())
+        log.warning(builtin.notice())

@@ -226,8 +226,8 @@ def run_train_autoencoder(args: argparse.Namespace) -> int:
     if bool(args.videos) == bool(args.rig_looks):
         raise UserError("give either --videos or --rig-looks")
     files = video_files(args.videos) if args.videos else []
-    if args.until is not None and saved_step(args.out) >= args.until:
-        log.info("%s is at step %d already (--until %d): nothing to do", args.out, saved_step(args.out), args.until)
+    if args.until is not None and (done := saved_step(args.out)) >= args.until:
+        log.info("%s is at step %d already (--until %d): nothing to do", args.out, done, args.until)
         return 0
     if args.weights == "none":
         torch.manual_seed(args.seed)  # the random start is part of the recipe

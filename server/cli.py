@@ -103,19 +103,13 @@ def check_model(settings: ServerSettings) -> str:
 
 
 def choose_default_model(settings: ServerSettings) -> None:
-    """Nothing configured (no --config, no --weights, no AVATAR_FORCING_* for them): the official model when
-    its files are already in the Hugging Face cache, else the built-in one, said in one line. Anything
-    configured is left as it is: `--weights hub` still downloads."""
-    from avatar_forcing.weights import builtin, hub
+    """Nothing configured: the official model when its files are cached, else the built-in one, said in one
+    line (`builtin.stands_in`)."""
+    from avatar_forcing.weights import builtin
 
-    if settings.config not in ("", "official") or settings.weights not in (None, ""):
-        return
-    if not hub.missing_from_cache() or not builtin.available():
-        return
-    settings.config, settings.weights = builtin.NAME, builtin.NAME
-    log.warning("no official weights configured or cached: serving %s. For the real avatar: the official "
-                "weights (about %d MB, non-commercial, a GPU for real time): README, \u201cOfficial weights\u201d.",
-                builtin.describe(), hub.total_mb())
+    if builtin.stands_in(settings.config, settings.weights):
+        settings.config, settings.weights = builtin.NAME, builtin.NAME
+        log.warning(builtin.notice())
 
 
 def limit_malloc_arenas(arenas: int = 2) -> None:

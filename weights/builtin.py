@@ -39,3 +39,23 @@ def available() -> bool:
 def describe() -> str:
     return (f"the built-in model ({weights_file().stat().st_size / 1e6:.0f} MB, trained here on rigged public-domain "
             f"portraits; {FOLDER_NAME}/MODEL_CARD.md)")
+
+
+def stands_in(config: str | None, weights: str | None) -> bool:
+    """Whether the built-in model serves in place of an unconfigured official one: nothing chosen (`config`
+    official or empty, no `weights`: the caller folds $AVATAR_FORCING_WEIGHTS in), the official files not in
+    the Hugging Face cache, and the built-in weights present. Anything configured is left as it is."""
+    from . import hub  # hub resolves the name `builtin` through this module
+
+    if config not in (None, "", "official") or weights:
+        return False
+    return bool(hub.missing_from_cache()) and available()
+
+
+def notice() -> str:
+    """The one line that says the built-in model stands in, and where the real avatar is."""
+    from . import hub
+
+    return (f"no official weights configured or cached: using {describe()}. For the real avatar: the official "
+            f"weights (about {hub.total_mb()} MB, non-commercial, a GPU for real time): README, "
+            f"\u201cOfficial weights\u201d.")
