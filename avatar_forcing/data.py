@@ -33,6 +33,8 @@ def add_data_command(subparsers) -> None:
     k.add_argument("--max-seconds", type=float, default=None, help="cut each clip to at most this long")
     k.add_argument("--skip-bad", action="store_true",
                    help="record clips without a face or audio in index.json's 'rejected' and go on (default: stop)")
+    k.add_argument("--whole-frames", action="store_true",
+                   help="the videos are face crops already (as `data conversations` writes): no face detection")
     k.add_argument("--no-progress", action="store_true")
     k.set_defaults(func=run_prepare)
     c = actions.add_parser("conversations", help="make dyadic conversations here: rigged public-domain portraits, "
@@ -103,7 +105,7 @@ def run_prepare(args: argparse.Namespace) -> int:
     with tqdm(total=len(manifest), desc="prepare", unit="clip", disable=args.no_progress) as bar:
         try:
             writer = prepare_shards(model, manifest, args.out, args.clips_per_shard, args.skip_bad, max_frames,
-                                    progress=lambda name: bar.update(1))
+                                    progress=lambda name: bar.update(1), whole_frames=args.whole_frames)
         except ClipError as exc:
             raise UserError(f"{exc} (rerun with --skip-bad to leave such clips out; finished clips are kept)") from exc
     log.info("%d clips in %s; %d rejected", len(writer.entries), args.out, len(writer.rejected))

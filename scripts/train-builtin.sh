@@ -57,7 +57,7 @@ stamp "auto-encoder, $AE_STEPS steps"
 # 3. Training shards: motion latents of both sides and the (frozen, seeded) audio features.
 stamp "prepare"
 "${CLI[@]}" data prepare --manifest "$RUN/convs/manifest.jsonl" --out "$RUN/shards" --config builtin \
-    --weights "$RUN/ae/model.safetensors" --device cpu --no-progress
+    --weights "$RUN/ae/model.safetensors" --device cpu --whole-frames --no-progress
 
 # 4. Diffusion-forcing flow matching, then 5. label-free DPO.
 stamp "flow matching, $FM_STEPS steps"

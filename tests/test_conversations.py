@@ -75,6 +75,19 @@ def test_the_avatar_moves_its_head_more_while_the_user_speaks(measured):
     assert listening >= 2 * quiet, (listening, quiet)
 
 
+def test_every_conversation_listens_visibly_in_its_script():
+    """The same target on the scripted head pose of many conversations (no rendering): nods that sat on an
+    offset (a head held down while listening) leaked into the neighbouring silences through the measure's
+    slow-drift removal, and one conversation in eight fell to 1.4x."""
+    pose_columns = [EXPRESSION_FIELDS.index(name) for name in ("yaw", "pitch", "roll")]
+    for seed in range(8):
+        conversation = make_conversation(20, seed=90_000 + seed)
+        avatar, user = conversation.avatar.speaking, conversation.user.speaking
+        pose = conversation.avatar.expression[:, pose_columns]
+        listening, quiet = head_motion_energy(pose, user & ~avatar), head_motion_energy(pose, ~user & ~avatar)
+        assert listening >= 3 * quiet, (seed, listening, quiet)
+
+
 def test_the_avatar_smiles_back(measured):
     """After most of the user's smiles (onsets in the script), the avatar's measured smile rises within 1 s."""
     conversation, _, points, _ = measured

@@ -13,7 +13,8 @@ from test_training import FOLDER, quick
 
 from avatar_forcing.model.avatar_forcing import build_model
 from avatar_forcing.model.config import from_golden_dir
-from avatar_forcing.model.media.video import Mp4Writer
+from avatar_forcing.model.media.image import resize_square, to_model_input
+from avatar_forcing.model.media.video import Mp4Writer, iter_video_frames
 from avatar_forcing.model.training.data import load_shards
 from avatar_forcing.model.training.prepare import ClipError, prepare_shards, read_manifest
 from avatar_forcing.model.training.transformer import transformer_trainer
@@ -99,3 +100,18 @@ def test_clips_without_face_or_audio_fail_clearly_or_are_skipped(tmp_path, model
     assert writer.entries == {} and set(writer.rejected) == {"noface", "noaudio"}
     index = json.loads((tmp_path / "skip" / "index.json").read_text())
     assert "no face" in index["rejected"]["noface"]
+
+
+def test_whole_frames_skip_detection_and_encode_every_frame_as_it_is(tmp_path, model):
+    # Noise has no face: with detection it is rejected (above); as videos that are crops already it is encoded whole.
+    video = faceless_video(tmp_path / "crops.mp4")
+    clips = write_manifest(tmp_path, [{"name": "crops", "avatar_video": str(video), "avatar_audio": str(AVATAR_WAV),
+                                       "user_video": str(video), "user_audio": str(AVATAR_WAV)}])
+    writer = prepare_shards(model, clips, tmp_path / "shards", max_frames=60, whole_frames=True)
+    assert list(writer.entries) == ["crops"]
+    (clip,) = load_shards(tmp_path / "shards")
+    size = model.config.motion.input_size
+    frames = np.stack([resize_square(f, size) for f, _ in zip(iter_video_frames(video), range(60), strict=False)])
+    with torch.inference_mode():
+        expected = model.motion_autoencoder.encode_motion(to_model_input(frames))
+    torch.testing.assert_close(clip.motion, expected, atol=1e-5, rtol=1e-5)

@@ -83,6 +83,9 @@ def centroid(pcm: np.ndarray, frames: int) -> np.ndarray:
     return (spectrum * freqs).sum(1) / np.maximum(spectrum.sum(1), 1e-9)
 
 
+NOD_DEGREES = 6.0  # peak to peak: a nod dips and rises about its mean, so it adds no offset
+
+
 def smooth(x: np.ndarray, width: int) -> np.ndarray:
     kernel = np.hanning(width + 2)[1:-1]
     return np.convolve(x, kernel / kernel.sum(), mode="same")
@@ -167,17 +170,20 @@ def behave(own: np.ndarray, other: np.ndarray, other_smile: np.ndarray | None, r
     e[:, _column("jaw")] = jaw
     e[:, _column("rounding")] = 0.5 * smooth(dark, 3) * (jaw > 0.1)
     emphasis = smooth(np.abs(np.diff(smooth(env_own, 5) / level, prepend=0)), 7)
-    e[:, _column("pitch")] += 12 * emphasis * talking
-    e[:, _column("yaw")] += 3 * np.sin(2 * np.pi * t / rng.uniform(2.5, 4.0) + rng.uniform(0, 6)) * talking
+    talking_soft = smooth(talking.astype(float), 7)
+    e[:, _column("pitch")] += 12 * emphasis * talking_soft
+    e[:, _column("yaw")] += 3 * np.sin(2 * np.pi * t / rng.uniform(2.5, 4.0) + rng.uniform(0, 6)) * talking_soft
 
     # Listening: nods while the other speaks, a larger back-channel nod at the short pauses inside their turn
     # (between their sentences), and a slight attentive tilt.
     heard = env_other > 0.05 * other_level
     attending = listening & ~talking
-    nods = 4.0 * np.abs(np.sin(np.pi * t / rng.uniform(1.2, 1.8))) * attending
+    attending_soft = smooth(attending.astype(float), 7)
+    nods = 0.5 * NOD_DEGREES * np.sin(2 * np.pi * t / rng.uniform(1.2, 1.8)) * attending_soft
     for start in np.flatnonzero(heard[:-1] & ~heard[1:] & attending[1:]):  # they paused, their turn goes on
         if rng.random() < 0.8:
-            nods += 6.0 * bump(frames, float(start + rng.integers(1, 4)), rng.uniform(8, 12)) * attending
+            nod = bump(frames, float(start + rng.integers(1, 4)), rng.uniform(8, 12))
+            nods += 1.5 * NOD_DEGREES * nod * attending_soft
     e[:, _column("pitch")] += nods
     e[:, _column("roll")] += 3.0 * smooth(attending.astype(float), 25) * rng.choice([-1.0, 1.0])
 

@@ -101,9 +101,14 @@ def _audio(clip: ManifestClip, side: str, rate: int) -> np.ndarray:
     return pcm
 
 
-def _crops(clip: ManifestClip, side: str, size: int, frames: int, detector: FaceDetector) -> Iterator[np.ndarray]:
+def _crops(clip: ManifestClip, side: str, size: int, frames: int, detector: FaceDetector | None
+           ) -> Iterator[np.ndarray]:
+    """The clip's face crops; with no detector the videos are crops already and every frame is used whole."""
     video: Path = getattr(clip, f"{side}_video")
     limited = lambda: (f for i, f in zip(range(frames), iter_video_frames(video), strict=False))
+    if detector is None:
+        yield from (resize_square(frame, size) for frame in limited())
+        return
     try:
         x0, y0, x1, y1 = fixed_crop_box(limited(), detector, detect_stride=5)
     except MediaError as exc:  # NoFaceError included
@@ -153,15 +158,16 @@ def stacked_audio(model: AvatarForcing, pcm: np.ndarray, frames: int, window: in
 
 
 def prepare_clip(model: AvatarForcing, clip: ManifestClip, detector: FaceDetector | None = None,
-                 max_frames: int | None = None) -> Clip:
-    """One manifest clip -> a training `Clip`; raises ClipError naming the clip for no face / no audio / too short."""
+                 max_frames: int | None = None, whole_frames: bool = False) -> Clip:
+    """One manifest clip -> a training `Clip`; raises ClipError naming the clip for no face / no audio / too short.
+    `whole_frames`: the videos are face crops already (`data conversations` makes such), so no detection."""
     for side in ("avatar", "user"):
         for kind in ("video", "audio"):
             path = getattr(clip, f"{side}_{kind}")
             if path is not None and not path.is_file():
                 raise ClipError(f"clip {clip.name}: {side} {kind} {path}: no such file")
     cfg = model.config
-    detector = detector or default_detector()
+    detector = None if whole_frames else detector or default_detector()
     rate, spf, size = cfg.sampling_rate, cfg.audio.samples_per_frame, cfg.motion.input_size
     pcm = {side: _audio(clip, side, rate) for side in ("avatar", "user")}
     video_frames = [probe_video(getattr(clip, f"{s}_video")).num_frames_estimate for s in ("avatar", "user")]
@@ -184,7 +190,7 @@ Progress = Callable[[str], None]
 
 def prepare_shards(model: AvatarForcing, manifest: list[ManifestClip], out: str | Path, clips_per_shard: int = 64,
                    skip_bad: bool = False, max_frames: int | None = None, detector: FaceDetector | None = None,
-                   progress: Progress | None = None) -> ShardWriter:
+                   progress: Progress | None = None, whole_frames: bool = False) -> ShardWriter:
     """Every manifest clip not yet in `out` -> shards. A bad clip raises ClipError, or with `skip_bad` is
     recorded in the index's "rejected" with the reason. Rerunning continues where a run stopped."""
     writer = ShardWriter(out, clips_per_shard)
@@ -195,7 +201,7 @@ def prepare_shards(model: AvatarForcing, manifest: list[ManifestClip], out: str 
                 progress(clip.name)
             continue
         try:
-            writer.add(prepare_clip(model, clip, detector, max_frames))
+            writer.add(prepare_clip(model, clip, detector, max_frames, whole_frames))
         except ClipError as exc:
             if not skip_bad:
                 writer.flush()  # keep what is finished
