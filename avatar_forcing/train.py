@@ -42,6 +42,10 @@ def add_train_command(subparsers) -> None:
         k.add_argument("--block-noise", action="store_true",
                        help="one noise level per 10-frame block (the reference) instead of per frame")
         k.add_argument("--clean-prefix", type=float, default=0.0, help="probability of a clean history prefix")
+        k.add_argument("--branch-dropout", type=float, nargs=3, default=None,
+                       metavar=("AUDIO_ONLY", "USER_ONLY", "UNCOND"),
+                       help="shares of windows trained as each guidance branch (default 0.1 each, the reference's); "
+                            "sampling uses only these three branches, so a small model trained briefly needs more")
         k.add_argument("--save-every", type=int, default=1000)
         k.add_argument("--seed", type=int, default=0)
         k.add_argument("--no-progress", action="store_true")
@@ -62,7 +66,7 @@ def run_train(args: argparse.Namespace) -> int:
     from avatar_forcing.model.config import config_from_name
     from avatar_forcing.model.device import pick_device
     from avatar_forcing.model.training.data import load_shards, save_shards
-    from avatar_forcing.model.training.flow_matching import NoiseSettings
+    from avatar_forcing.model.training.flow_matching import DropoutSettings, NoiseSettings
     from avatar_forcing.model.training.loop import Distributed, LoopSettings
     from avatar_forcing.model.training.objectives import DPOSettings, FlowSettings
     from avatar_forcing.model.training.rollout import generate_latents
@@ -95,8 +99,13 @@ def run_train(args: argparse.Namespace) -> int:
     loop = LoopSettings(steps=args.steps, micro_batch=args.batch, accumulation=args.accumulation, lr=args.lr,
                         warmup=args.warmup, ema_decay=args.ema, bf16=args.bf16, save_every=args.save_every,
                         seed=args.seed, progress=not args.no_progress)
-    flow = FlowSettings(NoiseSettings(per_frame=not args.block_noise, block_frames=cfg.transformer.block_frames,
-                                      clean_prefix=args.clean_prefix))
+    noise = NoiseSettings(per_frame=not args.block_noise, block_frames=cfg.transformer.block_frames,
+                          clean_prefix=args.clean_prefix)
+    try:
+        dropout = DropoutSettings(*args.branch_dropout) if args.branch_dropout else DropoutSettings()
+    except ValueError as exc:
+        raise UserError(f"--branch-dropout: {exc}") from None
+    flow = FlowSettings(noise, dropout)
     try:
         trainer = transformer_trainer(model, clips, loop, args.out, flow=flow, dpo=dpo, device=device,
                                       dist_info=dist_info)

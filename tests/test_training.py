@@ -243,3 +243,7 @@ def test_train_command_runs_resumes_and_rejects_bad_data(tmp_path, capsys):
            "--config", str(FOLDER), "--weights", "none", "--device", "cpu"]
     assert main(bad) == 2
     assert "not a training shard folder" in capsys.readouterr().err
+    # Branch shares that cannot be probabilities are refused by name, before any training.
+    assert main([*args, "--steps", "4", "--branch-dropout", "0.5", "0.5", "0.5"]) == 2
+    assert "--branch-dropout" in capsys.readouterr().err
+    assert main([*args, "--steps", "4", "--branch-dropout", "0.3", "0.3", "0.2"]) == 0
