@@ -187,6 +187,9 @@ def add_autoencoder_command(kinds) -> None:
     k.add_argument("--perceptual", type=Path, default=None,
                    help="a local TorchScript perceptual network (images in [-1,1] -> features); none by default")
     k.add_argument("--perceptual-weight", type=float, default=1.0)
+    k.add_argument("--freeze-motion", action="store_true",
+                   help="train the decoder only: motion latents (prepared shards, a transformer trained on them) "
+                        "stay valid; start it from --weights FILE in a new --out")
     k.add_argument("--save-every", type=int, default=1000)
     k.add_argument("--until", type=int, default=None,
                    help="stop after this step (the schedule still runs to --steps; run again to go on)")
@@ -267,7 +270,7 @@ def run_train_autoencoder(args: argparse.Namespace) -> int:
                         lr_scale={"enc.fc.": args.motion_lr_scale} if args.motion_lr_scale != 1.0 else {})
     try:
         trainer = autoencoder_trainer(model, clips, loop, args.out, weights, perceptual, device, dist_info,
-                                      min_gap=args.min_gap, pairs=pairs)
+                                      min_gap=args.min_gap, pairs=pairs, freeze_motion=args.freeze_motion)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
     trainer.resume()

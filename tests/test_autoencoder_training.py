@@ -178,3 +178,26 @@ def test_teacher_forcing_feeds_the_known_expression_to_the_decoder():
                                   net(source, driving, known=b, forced=forced))
         _, magnitudes = net(source, driving, with_magnitudes=True, known=a, forced=forced)
     assert magnitudes.shape == (2, cfg.motion.motion_dim)  # the encoder's own prediction, for the code loss
+
+
+def test_freeze_motion_trains_the_decoder_and_keeps_every_motion_latent(tmp_path):
+    """A sharper decoder after the transformer: the motion latents it was trained on must not move."""
+    from avatar_forcing.weights.loading import load_model
+
+    cfg = from_golden_dir(FOLDER)
+    crops = crops_of_video(USER_VIDEO, cfg.motion.input_size, max_frames=12)
+    pixels = crops.permute(0, 3, 1, 2).float() / 127.5 - 1
+    model = load_model(cfg, FOLDER / "small_weights.safetensors")
+    with torch.inference_mode():
+        latents_before = model.motion_autoencoder.encode_motion(pixels)
+    synthesis_before = {k: v.clone() for k, v in model.motion_autoencoder.dec.state_dict().items()}
+    trainer = autoencoder_trainer(model, [crops], quick(3, micro_batch=2, lr=3e-3, warmup=1, ema_decay=0.0),
+                                  tmp_path / "dec", min_gap=2, freeze_motion=True)
+    trainer.run()
+    trained = {n for n, p in trainer.module.named_parameters() if p.requires_grad}
+    assert trained and not any(n.startswith(("enc.", "dec.direction.")) for n in trained)
+    loaded = load_model(cfg, tmp_path / "dec" / MODEL_NAME).motion_autoencoder
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded.encode_motion(pixels), latents_before)
+    changed = [k for k, v in loaded.dec.state_dict().items() if not torch.equal(v, synthesis_before[k])]
+    assert changed and not any(k.startswith("direction.") for k in changed)

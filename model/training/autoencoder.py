@@ -65,6 +65,10 @@ class Reconstruction(nn.Module):
         return (image, magnitudes) if with_magnitudes else image
 
 
+# What a motion latent depends on: the encoder (appearance code, magnitudes) and the decoder's direction basis.
+MOTION_PARTS = ("enc.", "dec.direction.")
+
+
 def start_with_still_warps(autoencoder: MotionAutoencoder, scale: float = 0.01) -> None:
     """For training from random weights: every level's flow head starts (almost) silent, so the decoder's
     first warps are the identity and its first frames are the source itself.
@@ -320,9 +324,12 @@ def crops_of_video(path: str | Path, size: int, max_frames: int | None = None, d
 
 def autoencoder_trainer(model: AvatarForcing, clips: Sequence[torch.Tensor], loop, out_dir: str | Path,
                         weights: ReconstructionWeights = ReconstructionWeights(), perceptual: nn.Module | None = None,
-                        device: torch.device | str = "cpu", dist_info=None, min_gap: int = 1, pairs=None):
+                        device: torch.device | str = "cpu", dist_info=None, min_gap: int = 1, pairs=None,
+                        freeze_motion: bool = False):
     """A ready `Trainer` of the motion auto-encoder on face-crop clips (uint8 [N, S, S, 3], S = input size), or
-    on `pairs` given ready (e.g. `rig_pairs.RigPairs`; then `clips` is unused)."""
+    on `pairs` given ready (e.g. `rig_pairs.RigPairs`; then `clips` is unused). `freeze_motion` trains the
+    decoder's synthesis only: the encoder and the motion directions stay, and with them every motion latent
+    already computed (prepared shards, a transformer trained on them)."""
     from .loop import Trainer
 
     size = model.config.motion.input_size
@@ -335,5 +342,8 @@ def autoencoder_trainer(model: AvatarForcing, clips: Sequence[torch.Tensor], loo
         pairs = FramePairs(clips, seed=loop.seed, min_gap=min_gap)
     model.to(device)
     net = Reconstruction(model.motion_autoencoder).requires_grad_(True)
+    if freeze_motion:
+        for name, param in net.named_parameters():
+            param.requires_grad_(not name.startswith(MOTION_PARTS))
     objective = ReconstructionObjective(weights, perceptual)
     return Trainer(net, objective, pairs, loop, out_dir, export_autoencoder(model), torch.device(device), dist_info)
