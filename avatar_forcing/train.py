@@ -187,6 +187,9 @@ def add_autoencoder_command(kinds) -> None:
     k.add_argument("--perceptual", type=Path, default=None,
                    help="a local TorchScript perceptual network (images in [-1,1] -> features); none by default")
     k.add_argument("--perceptual-weight", type=float, default=1.0)
+    k.add_argument("--finest-lr-scale", type=float, default=1.0,
+                   help="learning-rate multiplier of the decoder's finest level (from scratch it lags, and the frame "
+                        "is drawn one level down: blurred)")
     k.add_argument("--freeze-motion", action="store_true",
                    help="train the decoder only: motion latents (prepared shards, a transformer trained on them) "
                         "stay valid; start it from --weights FILE in a new --out")
@@ -224,6 +227,7 @@ def run_train_autoencoder(args: argparse.Namespace) -> int:
         ReconstructionWeights,
         autoencoder_trainer,
         crops_of_video,
+        finest_level,
         load_perceptual,
         start_with_still_warps,
     )
@@ -264,10 +268,13 @@ def run_train_autoencoder(args: argparse.Namespace) -> int:
     weights = ReconstructionWeights(ssim=args.ssim_weight, gradient=args.gradient_weight,
                                     perceptual=args.perceptual_weight, moving=args.moving_weight,
                                     code=args.code_weight, teacher=args.teacher)
+    lr_scales = {prefix: args.finest_lr_scale for prefix in finest_level(model.motion_autoencoder)}
+    lr_scales["enc.fc."] = args.motion_lr_scale
+    lr_scales = {prefix: scale for prefix, scale in lr_scales.items() if scale != 1.0}
     loop = LoopSettings(steps=args.steps, micro_batch=args.batch, accumulation=args.accumulation, lr=args.lr,
                         warmup=args.warmup, ema_decay=args.ema, bf16=args.bf16, save_every=args.save_every,
                         seed=args.seed, progress=not args.no_progress,
-                        lr_scale={"enc.fc.": args.motion_lr_scale} if args.motion_lr_scale != 1.0 else {})
+                        lr_scale=lr_scales)
     try:
         trainer = autoencoder_trainer(model, clips, loop, args.out, weights, perceptual, device, dist_info,
                                       min_gap=args.min_gap, pairs=pairs, freeze_motion=args.freeze_motion)

@@ -18,6 +18,8 @@ SEEDS=${SEEDS:-"1 2 3"}
 CONVERSATIONS=${CONVERSATIONS:-12}
 SECONDS_EACH=${CONV_SECONDS:-20}
 AE_STEPS=${AE_STEPS:-2500}
+AE_UNTIL=${AE_UNTIL:-3000}
+DECODER_STEPS=${DECODER_STEPS:-3000}
 FM_STEPS=${FM_STEPS:-2000}
 DPO_STEPS=${DPO_STEPS:-200}
 mkdir -p "$RUN"
@@ -46,13 +48,21 @@ EOF
 
 # 2. The motion auto-encoder from random weights (the flow heads start still), on pairs the face rig renders on
 # the fly from the conversations' looks, with the driving frame's expression as numbers: the first motion
-# magnitudes learn to equal them (--code-weight, with their own learning rate), half of the pairs decode the
+# magnitudes learn to equal them (--code-weight, with their own learning rate), a share of the pairs decode the
 # known expression (--teacher), and the error where the frames differ counts extra (--moving-weight).
-# Why each: docs/training.md §6.
-stamp "auto-encoder, $AE_STEPS steps"
-"${CLI[@]}" train autoencoder --rig-looks 24 --out "$RUN/ae" --config builtin --weights none --device cpu \
-    --steps "$AE_STEPS" --batch 8 --lr 1e-3 --warmup 100 --ema 0.995 --code-weight 10 --motion-lr-scale 10 \
-    --teacher 0.5 --moving-weight 1.0 --save-every 250 --seed 0 --no-progress
+# a) 2500 steps with half the pairs teacher-forced; b) the same run resumed under a longer schedule, fewer forced
+# pairs and more weight on structure, stopped at 3000. Why each: docs/training.md §6.
+if [ ! -f "$RUN/encoder/model.safetensors" ]; then
+    stamp "auto-encoder, $AE_STEPS steps"
+    AE=("${CLI[@]}" train autoencoder --rig-looks 24 --out "$RUN/ae" --config builtin --weights none --device cpu
+        --batch 8 --warmup 100 --ema 0.995 --code-weight 10 --motion-lr-scale 10 --moving-weight 1.0
+        --save-every 250 --seed 0 --no-progress)
+    "${AE[@]}" --steps "$AE_STEPS" --lr 1e-3 --teacher 0.5
+    "${AE[@]}" --steps 5500 --until "$AE_UNTIL" --lr 5e-4 --teacher 0.25 --ssim-weight 1.0 --gradient-weight 1.0
+    mkdir -p "$RUN/encoder" && cp "$RUN/ae/model.safetensors" "$RUN/encoder/"
+fi
+# c) From here the motion latents are fixed (the encoder and the motion directions): the shards and the
+# transformer build on them, while the decoder alone trains on for sharper frames (--freeze-motion).
 
 # 3. Training shards: motion latents of both sides and the (frozen, seeded) audio features.
 stamp "prepare"

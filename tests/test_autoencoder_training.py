@@ -201,3 +201,18 @@ def test_freeze_motion_trains_the_decoder_and_keeps_every_motion_latent(tmp_path
         torch.testing.assert_close(loaded.encode_motion(pixels), latents_before)
     changed = [k for k, v in loaded.dec.state_dict().items() if not torch.equal(v, synthesis_before[k])]
     assert changed and not any(k.startswith("direction.") for k in changed)
+
+
+def test_finest_level_names_the_decoders_last_level_from_the_configuration():
+    from avatar_forcing.model.avatar_forcing import build_model
+    from avatar_forcing.model.training.autoencoder import finest_level
+
+    cfg = from_golden_dir(FOLDER)
+    net = Reconstruction(build_model(cfg).motion_autoencoder)
+    prefixes = finest_level(net)
+    named = dict(net.named_parameters())
+    for prefix in prefixes:
+        assert any(name.startswith(prefix) for name in named), prefix
+    # The flow head of that level predicts the grid at the frame's own size.
+    (flow,) = [m for n, m in net.named_modules() if n + "." in prefixes and n.startswith("dec.to_flows.")]
+    assert flow.grid.shape[1] == cfg.motion.input_size

@@ -69,6 +69,15 @@ class Reconstruction(nn.Module):
 MOTION_PARTS = ("enc.", "dec.direction.")
 
 
+def finest_level(autoencoder: MotionAutoencoder) -> tuple[str, ...]:
+    """Name prefixes (in `Reconstruction`) of the decoder's finest level: its two convs, flow and RGB heads.
+    A decoder trained from scratch draws its frame at the level below for thousands of steps (a blurred frame);
+    its own learning-rate multiplier (`LoopSettings.lr_scale`) brings the finest level in sooner."""
+    level = len(autoencoder.dec.to_rgbs) - 1
+    return (f"dec.convs.{2 * level}.", f"dec.convs.{2 * level + 1}.", f"dec.to_flows.{level}.",
+            f"dec.to_rgbs.{level}.")
+
+
 def start_with_still_warps(autoencoder: MotionAutoencoder, scale: float = 0.01) -> None:
     """For training from random weights: every level's flow head starts (almost) silent, so the decoder's
     first warps are the identity and its first frames are the source itself.
