@@ -83,7 +83,8 @@ def centroid(pcm: np.ndarray, frames: int) -> np.ndarray:
     return (spectrum * freqs).sum(1) / np.maximum(spectrum.sum(1), 1e-9)
 
 
-NOD_DEGREES = 6.0  # peak to peak: a nod dips and rises about its mean, so it adds no offset
+NOD_DEGREES = 6.0  # peak to peak of a steady nod; nods dip and rise about the pose, so they add no offset
+NOD_REACTION = 4  # frames: how far a listener's nods trail the speaker's stresses
 
 
 def smooth(x: np.ndarray, width: int) -> np.ndarray:
@@ -174,12 +175,18 @@ def behave(own: np.ndarray, other: np.ndarray, other_smile: np.ndarray | None, r
     e[:, _column("pitch")] += 12 * emphasis * talking_soft
     e[:, _column("yaw")] += 3 * np.sin(2 * np.pi * t / rng.uniform(2.5, 4.0) + rng.uniform(0, 6)) * talking_soft
 
-    # Listening: nods while the other speaks, a larger back-channel nod at the short pauses inside their turn
-    # (between their sentences), and a slight attentive tilt.
+    # Listening: nods that keep time with the other's speech (the band of its loudness around 0.5-2.5 Hz, a
+    # reaction time behind: a listener's head follows the speaker's stresses, and a model can learn what it
+    # hears, where a nod of its own rhythm and phase could only be averaged away), a larger back-channel nod
+    # at the short pauses inside their turn (between their sentences), and a slight attentive tilt.
     heard = env_other > 0.05 * other_level
     attending = listening & ~talking
     attending_soft = smooth(attending.astype(float), 7)
-    nods = 0.5 * NOD_DEGREES * np.sin(2 * np.pi * t / rng.uniform(1.2, 1.8)) * attending_soft
+    loudness = env_other / other_level
+    rhythm = smooth(loudness, 5) - smooth(loudness, 25)
+    rhythm = np.concatenate([np.zeros(NOD_REACTION), rhythm[:-NOD_REACTION]])
+    spread = float(np.sqrt(np.mean(rhythm[attending] ** 2))) if attending.any() else 1.0
+    nods = NOD_DEGREES / (2 * np.sqrt(2)) * rhythm / max(spread, 1e-6) * attending_soft
     for start in np.flatnonzero(heard[:-1] & ~heard[1:] & attending[1:]):  # they paused, their turn goes on
         if rng.random() < 0.8:
             nod = bump(frames, float(start + rng.integers(1, 4)), rng.uniform(8, 12))
