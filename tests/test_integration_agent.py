@@ -2,6 +2,11 @@
 (Pipecat's SmallWebRTC transport, Silero VAD, canned replies, espeak-ng, our avatar service) against the
 real server (small model), and a real aiortc peer as the browser, sending user.mp4's camera and voice.
 
+This one process is the browser, the agent and the avatar's client at once. At user.mp4's 512 px its camera
+made the process so busy that, in one run in four or five, Pipecat's audio sender fell seconds behind (on a
+2-core machine the peer got 24-42 audio frames a second instead of 50), so the camera here is that video at
+128 px.
+
 The peer's voice is user.mp4's own speech, sent only when the test says (silence otherwise), so the turns
 are known: the user speaks, stops, the avatar answers; later the user speaks while the avatar is talking.
 Prints the reply latency, the interruption latency and one turn's event timeline.
@@ -24,7 +29,6 @@ pytest.importorskip("pipecat", reason="needs the pipecat extra: pip install -e '
 
 import av  # noqa: E402
 from aiortc import RTCPeerConnection, RTCSessionDescription  # noqa: E402
-from aiortc.contrib.media import MediaPlayer  # noqa: E402
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack  # noqa: E402
 
 from avatar_forcing.integrations.local_agent import create_app  # noqa: E402
@@ -35,6 +39,7 @@ pytestmark = [pytest.mark.slow, needs_rtc_host, needs_golden, needs_media,
 
 RATE = 16000
 LOUD = 0.02  # RMS of a 20 ms frame of the avatar's voice that counts as heard
+JITTER = 0.1  # s the path delay may vary within a reply
 # Where user.mp4 speaks (Silero hears speech there; checked on the file): the user's turns.
 FIRST_TURN, SECOND_TURN, BARGE_IN = (1.0, 2.4), (7.2, 2.4), (12.3, 2.0)
 
@@ -73,6 +78,35 @@ class UserVoice(MediaStreamTrack):
         frame = av.AudioFrame.from_ndarray((chunk * 32767).astype(np.int16)[None, :], format="s16", layout="mono")
         frame.sample_rate, frame.pts, frame.time_base = RATE, self.sent, fractions.Fraction(1, RATE)
         self.sent += self.step
+        return frame
+
+
+class UserCamera(MediaStreamTrack):
+    """The user's camera: user.mp4's pictures, decoded once at SIDE px, looped in real time at its rate."""
+
+    kind = "video"
+    SIDE = 128
+
+    def __init__(self):
+        super().__init__()
+        with av.open(str(MEDIA_DIR / "user.mp4")) as container:
+            stream = container.streams.video[0]
+            self.rate = stream.average_rate
+            self.frames = [frame.reformat(width=self.SIDE, height=self.SIDE, format="yuv420p")
+                           for frame in container.decode(stream)]
+        self.sent = 0
+        self.t0: float | None = None
+
+    async def recv(self):
+        if self.readyState != "live":
+            raise MediaStreamError
+        self.t0 = time.monotonic() if self.t0 is None else self.t0
+        delay = self.t0 + self.sent / self.rate - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        frame = self.frames[self.sent % len(self.frames)]
+        frame.pts, frame.time_base = self.sent, 1 / self.rate
+        self.sent += 1
         return frame
 
 
@@ -128,10 +162,10 @@ def test_voice_agent_answers_a_turn_and_stops_when_the_user_barges_in(tmp_path):
             app = create_app(server_url=server.base_url, avatar_id=avatar_id, video_size=(128, 128),
                              on_agent=lambda task, avatar: agents.append((task, avatar)))
             voice, browser = UserVoice(), Browser()
-            camera = MediaPlayer(str(MEDIA_DIR / "user.mp4"), loop=True)
+            camera = UserCamera()
             pc = RTCPeerConnection()
             pc.addTrack(voice)  # audio first, then video: the order the SmallWebRTC transport expects
-            pc.addTrack(camera.video)
+            pc.addTrack(camera)
             receivers = []
             pc.on("track", lambda track: receivers.append(asyncio.ensure_future(browser.receive(track))))
             await pc.setLocalDescription(await pc.createOffer())
@@ -184,7 +218,7 @@ def test_voice_agent_answers_a_turn_and_stops_when_the_user_barges_in(tmp_path):
                 await asyncio.sleep(1.2)  # the user is still talking: no new reply yet
             finally:
                 await task.cancel()
-                for track in (voice, camera.video):
+                for track in (voice, camera):
                     track.stop()
                 for receiver in receivers:
                     receiver.cancel()
@@ -199,10 +233,15 @@ def test_voice_agent_answers_a_turn_and_stops_when_the_user_barges_in(tmp_path):
 
     served_reply, heard_reply = loud(served, t_stop, t_finished + 0.5), browser.heard(t_stop, t_finished + 0.5)
     # The peer hears the server's output later by the path through Pipecat's transport and WebRTC (its delay
-    # at the reply's start, measured): after an interrupt it must go silent no later than that behind the server.
-    path_delay = min(first[0] - served_reply[0], 0.5)
+    # at each reply's start, measured): after an interrupt it must go silent no later than that behind the
+    # server's last sound, give or take JITTER (the delay within a reply varies by a few 20 ms frames).
+    t_second = [e["received_at"] for e in events if e["type"] == "playback_started"][1]
+    served_second, heard_second = loud(served, t_second, t_sent), browser.heard(t_second, t_sent)
+    second_delay = heard_second[0] - served_second[0] if served_second and heard_second else 0.0
+    path_delay = min(max(first[0] - served_reply[0], second_delay), 0.5)
     served_after = loud(served, t_sent + 0.15, t_sent + 1.2)
-    heard_after = browser.heard(t_sent + 0.15 + path_delay, t_sent + 1.2)
+    server_silent = max(loud(served, t_sent, t_sent + 1.2), default=t_sent)
+    heard_after = browser.heard(server_silent + path_delay + JITTER, t_sent + 1.2)
     turn = [(round(e["received_at"] - t_stop, 3), e["type"], e.get("position_s"), e.get("interrupted"))
             for e in events if t_stop <= e["received_at"] <= t_finished and e["type"] != "queued"]
     queued = [e["received_at"] - t_stop for e in events if t_stop <= e["received_at"] <= t_finished
@@ -217,7 +256,8 @@ def test_voice_agent_answers_a_turn_and_stops_when_the_user_barges_in(tmp_path):
     last_heard = max(browser.heard(t_barge, t_sent + 1.2), default=float("nan"))
     print(f"interruption: user speech starts 0; interrupt sent {t_sent - t_barge:.3f} s; last avatar sound out of "
           f"the server {last_served - t_sent:+.3f} s and at the peer {last_heard - t_sent:+.3f} s after it was sent")
-    print(f"path delay server -> peer at the reply's start {path_delay:.3f} s; video at the peer: {fps:.1f} fps, "
+    print(f"path delay server -> peer at the replies' starts {first[0] - served_reply[0]:.3f} s and "
+          f"{second_delay:.3f} s; video at the peer: {fps:.1f} fps, "
           f"{fresh_fps:.1f} changing, {browser.size}")
     assert first[0] - t_stop < 5.0, "the avatar took over 5 s to answer"
     assert fps >= 23, f"video at {fps:.1f} fps"
@@ -230,4 +270,4 @@ def test_voice_agent_answers_a_turn_and_stops_when_the_user_barges_in(tmp_path):
     assert next(e for e in events if e["received_at"] >= t_sent and e["type"] == "playback_finished")["interrupted"]
     assert not served_after, f"avatar speech {served_after[-1] - t_sent:.2f} s after the interrupt was sent"
     assert not heard_after, (f"the peer heard the avatar {heard_after[-1] - t_sent:.2f} s after the interrupt was sent "
-                             f"(path delay {path_delay:.2f} s)")
+                             f"(the server's last sound {server_silent - t_sent:.2f} s, path delay {path_delay:.2f} s)")

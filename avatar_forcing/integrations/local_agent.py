@@ -148,8 +148,9 @@ def agent_pipeline(connection: SmallWebRTCConnection, *, server_url: str, avatar
     aggregators instead (docs/integrations.md)."""
     transport = SmallWebRTCTransport(connection, TransportParams(
         audio_in_enabled=True, audio_out_enabled=True, audio_out_sample_rate=AVATAR_AUDIO_RATE,
-        # Pipecat's default auto-silence (silence when a frame is late) is kept: neither setting kept the
-        # delay to the browser flat in the test on a loaded CPU (docs/integrations.md, "Open").
+        # The avatar's voice arrives paced in real time, silence included; the default auto-silence would
+        # fill every late write with 10 ms of silence, so the voice would fall behind its pictures for good.
+        audio_out_auto_silence=False,
         video_in_enabled=True, video_in_sources={"camera": VideoInSourceParams(framerate=25)},
         video_out_enabled=True, video_out_is_live=True, video_out_framerate=25,
         video_out_width=video_size[0], video_out_height=video_size[1]))

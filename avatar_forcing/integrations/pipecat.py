@@ -8,7 +8,9 @@ It sends the TTS audio to the avatar server (one utterance per TTS turn), clears
 speaking or the pipeline is interrupted, and forwards the user's microphone audio and camera frames so the
 avatar listens; downstream it emits the avatar's pictures (OutputImageRawFrame, 25 fps) and voice
 (OutputAudioRawFrame, 48 kHz), which the server paced out of one clock. The TTS audio itself goes no
-further: what the user hears is the avatar's voice. Needs `pip install avatar-forcing-server[pipecat]`.
+further: what the user hears is the avatar's voice. Give the output transport `audio_out_auto_silence=False`:
+that voice is continuous and real-time paced, and auto-silence would put it further behind the pictures at
+every late write. Needs `pip install avatar-forcing-server[pipecat]`.
 """
 
 from __future__ import annotations
