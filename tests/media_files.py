@@ -8,6 +8,7 @@ from pathlib import Path
 import av
 import numpy as np
 
+from avatar_forcing.model.media.audio import load_audio
 from avatar_forcing.model.media.video import Mp4Writer
 
 
@@ -84,3 +85,15 @@ def write_video(path: Path, frames: np.ndarray, fps: float) -> None:
     """A video-only H.264 mp4 of the given RGB frames at `fps`."""
     with Mp4Writer(path, fps=fps, width=frames.shape[2], height=frames.shape[1], audio_rate=None) as w:
         w.write_frames(frames)
+
+
+def write_scaled_copy(source: Path, path: Path, side: int, audio_rate: int = 16000) -> None:
+    """`source`'s pictures at side x side px, with its sound: for tests that run several peers in the test
+    process, where encoding full-size cameras on the 2-core CI machine starves the server beside it."""
+    with av.open(str(source)) as container:
+        stream = container.streams.video[0]
+        fps = stream.average_rate
+        frames = np.stack([f.to_ndarray(width=side, height=side, format="rgb24") for f in container.decode(stream)])
+    with Mp4Writer(path, fps=fps, width=side, height=side, audio_rate=audio_rate) as writer:
+        writer.write_frames(frames)
+        writer.write_audio(load_audio(source, audio_rate))
