@@ -103,6 +103,10 @@ class FlowTransformerConfig:
     lookahead: int = 2  # self-attention: key k visible to query q when k <= q + lookahead
     attention_window: int = 2  # cross-attention: |k - q| <= window (priming)
     stream_cross_window: int = 2  # cross-attention expansion in streaming blocks
+    # Not in the reference (which is False): the dual motion encoder also adds a projection of the user state
+    # per frame (zero at start). There the avatar's audio is the only query, so with it null (the user-only
+    # guidance branch) every frame gets the same condition and the user's timing is lost (docs/training.md §6).
+    user_residual: bool = False
 
     def __post_init__(self) -> None:
         if self.dim_h % self.num_heads:
@@ -227,6 +231,9 @@ def from_golden_dir(folder: str | Path) -> AvatarForcingConfig:
     return from_config_file(path, default_name=str(folder))
 
 
+TRANSFORMER_EXTENSIONS = {"user_residual": bool}
+
+
 def from_config_file(path: str | Path, default_name: str = "custom") -> AvatarForcingConfig:
     """A configuration file in the schema of a golden folder's `small_config.json`: the reference's options,
     the auto-encoder's channel table, wav2vec2's config dict and, optionally, the recorded sampling settings."""
@@ -240,6 +247,14 @@ def from_config_file(path: str | Path, default_name: str = "custom") -> AvatarFo
     blur = tuple(mae.get("blur_kernel", (1, 3, 3, 1)))
     if blur != cfg.motion.blur_kernel:
         cfg = replace(cfg, motion=replace(cfg.motion, blur_kernel=blur))
+    # Our own architecture options, beyond the reference's (the built-in model's file has them).
+    extensions = raw.get("extensions", {})
+    unknown = set(extensions) - set(TRANSFORMER_EXTENSIONS)
+    if unknown:
+        raise ValueError(f"unknown extensions {sorted(unknown)}; known: {list(TRANSFORMER_EXTENSIONS)}")
+    if extensions:
+        typed = {k: TRANSFORMER_EXTENSIONS[k](v) for k, v in extensions.items()}
+        cfg = replace(cfg, transformer=replace(cfg.transformer, **typed))
     # The sampling settings the reference run recorded take precedence over the option defaults.
     used = raw.get("sampling_used_for_case_sample", {})
     recorded = {k: type(getattr(cfg.sampler, k))(used[k]) for k in ("nfe", "a_cfg_scale", "u_cfg_scale") if k in used}

@@ -2,6 +2,7 @@
 
 Fuses the user's motion with the user's audio, then the avatar's audio with that, into the per-frame
 condition the flow transformer cross-attends to. Both attentions are unmasked over the window.
+`user_residual` (ours, off in the reference) also adds a projection of the user state frame by frame.
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ class DualMotionEncoder(nn.Module):
         self.ln2 = nn.LayerNorm(d)
         self.to_cond_user = nn.Linear(d, cfg.dim_h)
         self.act = nn.SiLU()
+        # Starts at zero, so training starts from the reference's condition and learns how much to add.
+        self.user_to_avatar = nn.Linear(d, d) if cfg.user_residual else None
+        if self.user_to_avatar is not None:
+            nn.init.zeros_(self.user_to_avatar.weight)
+            nn.init.zeros_(self.user_to_avatar.bias)
 
     def user_state(self, wa_user: torch.Tensor, motion_user: torch.Tensor) -> torch.Tensor:
         """The user's motion embedding attending to the user's audio."""
@@ -36,8 +42,12 @@ class DualMotionEncoder(nn.Module):
         return self.act(self.ln1(m + self.dual_modal_attn(m, wa_user, wa_user, need_weights=False)[0]))
 
     def avatar_state(self, wa: torch.Tensor, user: torch.Tensor) -> torch.Tensor:
-        """The avatar's audio attending to the user state."""
-        return self.act(self.ln2(wa + self.user_agent_attn(wa, user, user, need_weights=False)[0]))
+        """The avatar's audio attending to the user state (plus a projection of that state, frame by frame,
+        with user_residual: unmasked attention from null audio gives every frame the same mix)."""
+        fused = wa + self.user_agent_attn(wa, user, user, need_weights=False)[0]
+        if self.user_to_avatar is not None:
+            fused = fused + self.user_to_avatar(user)
+        return self.act(self.ln2(fused))
 
     def forward(self, wa_user: torch.Tensor, motion_user: torch.Tensor, wa: torch.Tensor) -> torch.Tensor:
         """[B, L, dim_a], [B, L, dim_w], [B, L, dim_a] -> condition [B, L, dim_h]."""

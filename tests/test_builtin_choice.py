@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 
 import pytest
+import torch
 from golden_data import golden_folders
+from safetensors.torch import load_file, save_file
 
 from avatar_forcing.errors import UserError
+from avatar_forcing.model.avatar_forcing import build_model
 from avatar_forcing.model.config import config_from_name
 from avatar_forcing.server.cli import check_model
 from avatar_forcing.server.config import ServerSettings
@@ -27,7 +29,12 @@ pytestmark = pytest.mark.skipif(GOLDEN is None, reason="needs the golden small c
 def stand_in(tmp_path, monkeypatch):
     folder = tmp_path / "builtin"
     folder.mkdir()
-    shutil.copy(GOLDEN / "small_weights.safetensors", folder / builtin.WEIGHTS_NAME)
+    # The golden small model has the built-in model's sizes; our extensions to it (zero at start) are added.
+    tensors = load_file(GOLDEN / "small_weights.safetensors")
+    expected = build_model(config_from_name("builtin")).state_dict()
+    tensors |= {name: torch.zeros_like(expected[name]) for name in expected.keys() - tensors.keys()
+                if "user_to_avatar" in name}
+    save_file(tensors, folder / builtin.WEIGHTS_NAME)
     monkeypatch.setattr(builtin, "folder", lambda: folder)
     monkeypatch.setattr(hub, "missing_from_cache", lambda cache_dir=None: list(hub.CHECKPOINTS))
     monkeypatch.delenv(hub.WEIGHTS_ENV, raising=False)
