@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import websockets
 from golden_data import MEDIA_DIR
+from media_files import write_scaled_copy
 from server_harness import needs_golden, needs_media, needs_rtc_host, running_server
 
 from avatar_forcing.model.media.audio import load_audio
@@ -93,16 +94,21 @@ def test_barge_in_silences_the_avatar_within_150_ms_in_every_trial(tmp_path):
 
 def test_admission_under_a_slow_worker_keeps_the_admitted_session_in_real_time(tmp_path):
     """Each step padded to half a block per session: one session fits, a second would not."""
+    # The peer's camera at 128 px: encoding user.mp4's 512 px in the test process, beside the server on a
+    # 2-core machine, once made a padded step overrun (one skip-ahead in the stop's CI check).
+    camera = tmp_path / "user_128px.mp4"
+    write_scaled_copy(MEDIA_DIR / "user.mp4", camera, 128)
+
     async def run():
         with running_server(tmp_path, max_sessions=3, overload_admission="predict",
                             test_step_blocks=0.5) as server:
             async with AvatarClient(server.base_url) as first, AvatarClient(server.base_url) as second:
                 avatar = await first.upload_avatar((MEDIA_DIR / "rumi.jpg").read_bytes())
-                await first.start(avatar, media=MEDIA_DIR / "user.mp4")
+                await first.start(avatar, media=camera)
                 await wait_for(lambda: first.received.video_times, 60, "the first frame")
                 await asyncio.sleep(6)  # utilisation and the live cost settle
                 with pytest.raises(ApiError) as refused:
-                    await second.start(avatar, media=MEDIA_DIR / "user.mp4")
+                    await second.start(avatar, media=camera)
                 t0 = time.monotonic()
                 before = (await first.info())["stats"]
                 await asyncio.sleep(6)
