@@ -252,9 +252,11 @@ def from_config_file(path: str | Path, default_name: str = "custom") -> AvatarFo
     unknown = set(extensions) - set(TRANSFORMER_EXTENSIONS)
     if unknown:
         raise ValueError(f"unknown extensions {sorted(unknown)}; known: {list(TRANSFORMER_EXTENSIONS)}")
+    mistyped = [k for k, v in extensions.items() if type(v) is not TRANSFORMER_EXTENSIONS[k]]
+    if mistyped:  # bool("false") would be True: take JSON's own types only
+        raise ValueError(f"extensions {mistyped} must be JSON {[TRANSFORMER_EXTENSIONS[k].__name__ for k in mistyped]}")
     if extensions:
-        typed = {k: TRANSFORMER_EXTENSIONS[k](v) for k, v in extensions.items()}
-        cfg = replace(cfg, transformer=replace(cfg.transformer, **typed))
+        cfg = replace(cfg, transformer=replace(cfg.transformer, **extensions))
     # The sampling settings the reference run recorded take precedence over the option defaults.
     used = raw.get("sampling_used_for_case_sample", {})
     recorded = {k: type(getattr(cfg.sampler, k))(used[k]) for k in ("nfe", "a_cfg_scale", "u_cfg_scale") if k in used}

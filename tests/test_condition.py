@@ -74,3 +74,6 @@ def test_reference_configs_keep_user_residual_off_and_extensions_are_checked(tmp
     path.write_text(json.dumps(raw | {"extensions": {"user_residul": True}}))
     with pytest.raises(ValueError, match="unknown extensions"):
         from_config_file(path)
+    path.write_text(json.dumps(raw | {"extensions": {"user_residual": "false"}}))
+    with pytest.raises(ValueError, match="must be JSON"):
+        from_config_file(path)
