@@ -346,7 +346,7 @@ def measured_capacity(ctx: AppContext) -> int:
     if ctx.settings.overload_admission != "predict" or worker.cost_first <= 0:
         return slots  # not measured yet, or admission does not use it
     if worker.cost_first > OVERLOAD_ON:
-        return 0
+        return 1  # an idle server admits one session all the same (behind real time: announce_ready warns)
     if worker.cost_more <= 0:
         return slots
     return min(slots, 1 + int((OVERLOAD_ON - worker.cost_first) / worker.cost_more))

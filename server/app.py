@@ -27,7 +27,7 @@ from .avatars import AvatarStore
 from .config import ServerSettings
 from .errors import install_error_handlers
 from .metrics import ServerMetrics
-from .sessions import SessionManager
+from .sessions import OVERLOAD_ON, SessionManager
 from .video import VideoEncoding
 from .worker import ModelWorker
 
@@ -57,6 +57,10 @@ async def announce_ready(ctx: AppContext, model_name: str) -> None:
     log.info("ready: serving the %s model at %s://%s:%d/ (about %d concurrent session%s on this machine, "
              "measured; %d slots configured)", model_name, scheme, host, s.port, fit, "" if fit == 1 else "s",
              s.max_sessions)
+    if s.overload_admission == "predict" and ctx.worker.cost_first > OVERLOAD_ON:
+        log.warning("one session costs %.0f%% of real time on this machine (measured at warm-up): it will skip "
+                    "frames, and no second session is admitted; use a faster device or a smaller model",
+                    100 * ctx.worker.cost_first)
 
 
 def add_sample_portrait(avatars: AvatarStore) -> None:

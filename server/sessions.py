@@ -162,7 +162,11 @@ class SessionManager:
     def would_overload(self) -> bool:
         """Whether one more session would leave the worker no spare time: the load measured over the
         last seconds plus, for each session not yet live (and the new one), the marginal cost the worker
-        measured at warm-up; with none live yet, the cost of a first session."""
+        measured at warm-up; with none live yet, the cost of a first session. An idle server always admits
+        one: there is nothing to protect, and a machine too slow (or too busy at warm-up) for real time still
+        serves that session with late work skipped, rather than refusing everyone for good."""
+        if not self.sessions:
+            return False
         if self.overloaded:
             return True
         worker = self.worker

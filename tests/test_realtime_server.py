@@ -133,24 +133,31 @@ def test_admission_under_a_slow_worker_keeps_the_admitted_session_in_real_time(t
 
 
 def test_a_worker_slower_than_real_time_skips_ahead_instead_of_queueing(tmp_path):
-    """Each step padded to 1.5 blocks per session, admission off (so the session is admitted anyway): the
-    engine skips stale input and generates from the newest, so block latency stays bounded and the frames
-    shown are fresh; without catch-up latency grew by 0.2 s every step (1.3-3.5 s p50 within seconds)."""
+    """Each step padded to 1.5 blocks per session: the idle server still admits one session (and only one),
+    and the engine skips stale input and generates from the newest, so block latency stays bounded and the
+    frames shown are fresh; without catch-up latency grew by 0.2 s every step (1.3-3.5 s p50 within seconds)."""
     async def run():
-        with running_server(tmp_path, max_sessions=1, overload_admission="off", test_step_blocks=1.5) as server:
-            async with AvatarClient(server.base_url) as c:
-                await c.start(await c.upload_avatar((MEDIA_DIR / "rumi.jpg").read_bytes()),
-                              media=MEDIA_DIR / "user.mp4")
+        with running_server(tmp_path, max_sessions=2, overload_admission="predict",
+                            test_step_blocks=1.5) as server:
+            async with AvatarClient(server.base_url) as c, AvatarClient(server.base_url) as second:
+                ready = (await c.http.get("/readyz")).json()
+                avatar = await c.upload_avatar((MEDIA_DIR / "rumi.jpg").read_bytes())
+                await c.start(avatar, media=MEDIA_DIR / "user.mp4")
                 await wait_for(lambda: c.received.video_times, 60, "the first frame")
+                with pytest.raises(ApiError) as refused:
+                    await second.start(avatar)
                 await asyncio.sleep(2)
                 t0 = time.monotonic()
                 await asyncio.sleep(10)
                 fresh = c.received.fresh_fps(time.monotonic() - t0)
                 info = await c.info()
                 await c.stop()
-        return fresh, info
+        return ready, refused.value, fresh, info
 
-    fresh, info = asyncio.run(run())
+    ready, refused, fresh, info = asyncio.run(run())
+    # A session alone costs over 150 % of real time here: the server says it fits one, admits it, refuses more.
+    assert ready["status"] == "ready" and ready["capacity_measured"] == 1, ready
+    assert refused.status == 503 and refused.error["code"] == "overloaded"
     stats, timings = info["stats"], info["timings"]
     print(f"\nworker at 1.5x a block per step: block latency p50 {timings['block_latency_p50_ms']} ms, "
           f"p99 {timings['block_latency_p99_ms']} ms; {fresh:.1f} fresh frames/s; "

@@ -349,7 +349,8 @@ def test_admission_predicts_overload_from_the_measured_session_cost(tmp_path):
         first = server.metric("avatar_session_cost_ratio", 'which="first"')
         more = server.metric("avatar_session_cost_ratio", 'which="more"')
         assert first > 0 and more >= 0
-        expected = 1 + int((0.9 - first) / more) if first <= 0.9 and more > 0 else (16 if first <= 0.9 else 0)
+        # An idle server admits one session even when that one alone would fall behind real time.
+        expected = 1 + int((0.9 - first) / more) if first <= 0.9 and more > 0 else (16 if first <= 0.9 else 1)
         expected = min(expected, 16)
         aid = c.post("/v1/avatars", content=(MEDIA_DIR / "rumi.jpg").read_bytes(),
                      headers={"content-type": "image/jpeg"}).json()["avatar_id"]
