@@ -98,6 +98,13 @@ def bump(frames: int, start: float, length: float) -> np.ndarray:
     return np.where((t >= 0) & (t <= 1), 0.5 - 0.5 * np.cos(2 * np.pi * t), 0.0)
 
 
+def delayed(x: np.ndarray, frames: int) -> np.ndarray:
+    """x shifted `frames` later, zeros in front, the same length: a reaction that follows its cause."""
+    if frames <= 0:
+        return x.copy()
+    return np.concatenate([np.zeros(frames, x.dtype), x[:-frames]])
+
+
 @dataclass
 class Side:
     """One participant's tracks: speech [samples] and per-frame expression columns."""
@@ -184,7 +191,7 @@ def behave(own: np.ndarray, other: np.ndarray, other_smile: np.ndarray | None, r
     attending_soft = smooth(attending.astype(float), 7)
     loudness = env_other / other_level
     rhythm = smooth(loudness, 5) - smooth(loudness, 25)
-    rhythm = np.concatenate([np.zeros(NOD_REACTION), rhythm[:-NOD_REACTION]])
+    rhythm = delayed(rhythm, NOD_REACTION)
     spread = float(np.sqrt(np.mean(rhythm[attending] ** 2))) if attending.any() else 1.0
     nods = NOD_DEGREES / (2 * np.sqrt(2)) * rhythm / max(spread, 1e-6) * attending_soft
     for start in np.flatnonzero(heard[:-1] & ~heard[1:] & attending[1:]):  # they paused, their turn goes on
@@ -200,7 +207,7 @@ def behave(own: np.ndarray, other: np.ndarray, other_smile: np.ndarray | None, r
         smile += rng.uniform(0.4, 0.9) * bump(frames, float(start), rng.uniform(40, 80))
     if other_smile is not None:
         lag = int(0.5 * FPS)
-        smile += 0.8 * np.concatenate([np.zeros(lag), other_smile[:-lag]])[:frames]
+        smile += 0.8 * delayed(other_smile, lag)[:frames]
     e[:, _column("smile")] = np.clip(smile, 0, 1)
 
     # Always: blinks and a slow sway.
