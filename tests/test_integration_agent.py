@@ -44,6 +44,20 @@ JITTER = 0.1  # s the path delay may vary within a reply
 FIRST_TURN, SECOND_TURN, BARGE_IN = (1.0, 2.4), (7.2, 2.4), (12.3, 2.0)
 
 
+class RealTime:
+    """A track's clock: frame n of a stream at `rate` frames a second is due n / rate after the first."""
+
+    def __init__(self, rate):
+        self.rate = rate
+        self.t0: float | None = None
+
+    async def until_due(self, n: int) -> None:
+        self.t0 = time.monotonic() if self.t0 is None else self.t0
+        delay = self.t0 + n / self.rate - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+
 class UserVoice(MediaStreamTrack):
     """The user's microphone: silence, except the parts of user.mp4 the test asks for, in real time."""
 
@@ -56,7 +70,7 @@ class UserVoice(MediaStreamTrack):
         self.stopped_at: float | None = None  # when the last sample of the latest speech was sent
         self.step = RATE // 50
         self.sent = 0
-        self.t0: float | None = None
+        self.clock = RealTime(RATE)
 
     def speak(self, start_s: float, seconds: float) -> None:
         self.pending = self.audio[int(start_s * RATE): int((start_s + seconds) * RATE)]
@@ -65,10 +79,7 @@ class UserVoice(MediaStreamTrack):
     async def recv(self):
         if self.readyState != "live":
             raise MediaStreamError
-        self.t0 = time.monotonic() if self.t0 is None else self.t0
-        delay = self.t0 + self.sent / RATE - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
+        await self.clock.until_due(self.sent)
         chunk = np.zeros(self.step, np.float32)
         if len(self.pending):
             part, self.pending = self.pending[:self.step], self.pending[self.step:]
@@ -95,15 +106,12 @@ class UserCamera(MediaStreamTrack):
             self.frames = [frame.reformat(width=self.SIDE, height=self.SIDE, format="yuv420p")
                            for frame in container.decode(stream)]
         self.sent = 0
-        self.t0: float | None = None
+        self.clock = RealTime(self.rate)
 
     async def recv(self):
         if self.readyState != "live":
             raise MediaStreamError
-        self.t0 = time.monotonic() if self.t0 is None else self.t0
-        delay = self.t0 + self.sent / self.rate - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
+        await self.clock.until_due(self.sent)
         frame = self.frames[self.sent % len(self.frames)]
         frame.pts, frame.time_base = self.sent, 1 / self.rate
         self.sent += 1
