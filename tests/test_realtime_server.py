@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import websockets
 from golden_data import MEDIA_DIR
-from media_files import write_scaled_copy
 from server_harness import needs_golden, needs_media, needs_rtc_host, running_server
 
 from avatar_forcing.model.media.audio import load_audio
@@ -92,12 +91,11 @@ def test_barge_in_silences_the_avatar_within_150_ms_in_every_trial(tmp_path):
     assert max(results) <= BARGE_IN_S, [round(r, 3) for r in results]
 
 
-def test_admission_under_a_slow_worker_keeps_the_admitted_session_in_real_time(tmp_path):
+def test_admission_under_a_slow_worker_keeps_the_admitted_session_in_real_time(tmp_path, user_video_128px):
     """Each step padded to half a block per session: one session fits, a second would not."""
     # The peer's camera at 128 px: encoding user.mp4's 512 px in the test process, beside the server on a
     # 2-core machine, once made a padded step overrun (one skip-ahead in the stop's CI check).
-    camera = tmp_path / "user_128px.mp4"
-    write_scaled_copy(MEDIA_DIR / "user.mp4", camera, 128)
+    camera = user_video_128px
 
     async def run():
         with running_server(tmp_path, max_sessions=3, overload_admission="predict",

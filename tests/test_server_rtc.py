@@ -16,7 +16,6 @@ import time
 import numpy as np
 import pytest
 from golden_data import MEDIA_DIR
-from media_files import write_scaled_copy
 from server_harness import needs_golden, needs_media, needs_rtc_host, running_server
 
 from avatar_forcing.model.media.audio import load_audio
@@ -146,11 +145,10 @@ def test_random_weights_interrupt_empties_queued_speech(server, avatar_id):
     assert after.max() < 0.1 * speaking.max(), "speech continued after the interrupt"
 
 
-def test_random_weights_concurrent_sessions_all_keep_their_rate(server, avatar_id, tmp_path):
+def test_random_weights_concurrent_sessions_all_keep_their_rate(server, avatar_id, user_video_128px):
     # Three peers encoding user.mp4's 512 px camera in the test process left the server beside them at
     # 21-24 fps in 3 of 4 runs on a 2-core machine; at 128 px the same video kept all three at rate (4 of 4).
-    camera = tmp_path / "user_128px.mp4"
-    write_scaled_copy(MEDIA_DIR / "user.mp4", camera, 128)
+    camera = user_video_128px
 
     async def run():
         clients = [AvatarClient(server.base_url) for _ in range(3)]

@@ -1,0 +1,20 @@
+"""Fixtures shared by several test modules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from golden_data import MEDIA_DIR
+from media_files import write_scaled_copy
+
+
+@pytest.fixture(scope="session")
+def user_video_128px(tmp_path_factory) -> Path:
+    """user.mp4 (../shared/media, tests only) at 128 px with its sound, made once per run: the camera of tests
+    that run peers in the test process beside a server, where encoding 512 px on 2 cores starves the server."""
+    if not (MEDIA_DIR / "user.mp4").exists():
+        pytest.skip(f"needs {MEDIA_DIR / 'user.mp4'}")
+    path = tmp_path_factory.mktemp("media") / "user_128px.mp4"
+    write_scaled_copy(MEDIA_DIR / "user.mp4", path, 128)
+    return path
