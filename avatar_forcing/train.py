@@ -65,6 +65,7 @@ def run_train(args: argparse.Namespace) -> int:
     from avatar_forcing.model.avatar_forcing import build_model
     from avatar_forcing.model.config import config_from_name
     from avatar_forcing.model.device import pick_device
+    from avatar_forcing.model.dual_motion_encoder import EXTENSION_LAYERS
     from avatar_forcing.model.training.data import load_shards, save_shards
     from avatar_forcing.model.training.flow_matching import DropoutSettings, NoiseSettings
     from avatar_forcing.model.training.loop import Distributed, LoopSettings
@@ -78,7 +79,8 @@ def run_train(args: argparse.Namespace) -> int:
     dist_info = Distributed.from_environment(device)
     if device.type == "cuda" and dist_info.active:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    model = build_model(cfg, device) if args.weights == "none" else load_model(cfg, args.weights, device=device)
+    model = (build_model(cfg, device) if args.weights == "none"
+             else load_model(cfg, args.weights, device=device, start_fresh=EXTENSION_LAYERS))
     try:
         clips = load_shards(args.data)
     except (FileNotFoundError, ValueError) as exc:
@@ -223,6 +225,7 @@ def run_train_autoencoder(args: argparse.Namespace) -> int:
     from avatar_forcing.model.avatar_forcing import build_model
     from avatar_forcing.model.config import config_from_name
     from avatar_forcing.model.device import pick_device
+    from avatar_forcing.model.dual_motion_encoder import EXTENSION_LAYERS
     from avatar_forcing.model.training.autoencoder import (
         ReconstructionWeights,
         autoencoder_trainer,
@@ -250,7 +253,7 @@ def run_train_autoencoder(args: argparse.Namespace) -> int:
         model = build_model(cfg, device)
         start_with_still_warps(model.motion_autoencoder)
     else:
-        model = load_model(cfg, args.weights, device=device)
+        model = load_model(cfg, args.weights, device=device, start_fresh=EXTENSION_LAYERS)
     size = model.config.motion.input_size
     clips = []
     for path in tqdm(files, desc="face crops", unit="clip", disable=args.no_progress or not dist_info.main):

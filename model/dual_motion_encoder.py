@@ -12,6 +12,10 @@ from torch import nn
 
 from .config import FlowTransformerConfig
 
+# Layers of the extensions, zero-initialised: a checkpoint made without them may start training with them as
+# they are (`load_model(start_fresh=...)`), which is the reference's behaviour.
+EXTENSION_LAYERS = ("user_to_avatar",)
+
 
 class DualMotionEncoder(nn.Module):
     """Fuses the avatar's audio, the user's audio and the user's motion into one condition per frame with

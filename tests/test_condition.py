@@ -10,8 +10,10 @@ import pytest
 import torch
 from golden_data import golden_folders
 
+from avatar_forcing.errors import WeightsError
 from avatar_forcing.model.config import FlowTransformerConfig, from_config_file
-from avatar_forcing.model.dual_motion_encoder import DualMotionEncoder
+from avatar_forcing.model.dual_motion_encoder import EXTENSION_LAYERS, DualMotionEncoder
+from avatar_forcing.weights.loading import load_model
 
 FRAMES = 50
 
@@ -77,3 +79,23 @@ def test_reference_configs_keep_user_residual_off_and_extensions_are_checked(tmp
     path.write_text(json.dumps(raw | {"extensions": {"user_residual": "false"}}))
     with pytest.raises(ValueError, match="must be JSON"):
         from_config_file(path)
+
+
+def test_a_checkpoint_made_without_the_extension_trains_with_it_starting_as_the_reference():
+    """The built-in recipe's encoder checkpoint predates `user_residual`: training may start from it with the
+    projection at zero (the reference's condition); inference still refuses a file that lacks it."""
+    folder = golden_folders()[0]
+    weights = folder / "small_weights.safetensors"
+    if not weights.is_file():
+        pytest.skip(f"needs the golden small weights ({weights})")
+    cfg = from_config_file(folder / "small_config.json")
+    extended = replace(cfg, transformer=replace(cfg.transformer, user_residual=True))
+    with pytest.raises(WeightsError, match="user_to_avatar"):
+        load_model(extended, weights)
+    model = load_model(extended, weights, start_fresh=EXTENSION_LAYERS)
+    projection = model.flow_transformer.c_embedder.user_to_avatar
+    assert projection is not None
+    assert not projection.weight.any() and not projection.bias.any()
+    state = model.state_dict()
+    for name, value in load_model(cfg, weights).state_dict().items():
+        assert torch.equal(state[name], value), f"{name} was not loaded from the file"

@@ -142,6 +142,7 @@ class LoadReport:
     rebuilt: list[str] = field(default_factory=list)  # derived buffers absent from the file
     unused_missing: list[str] = field(default_factory=list)  # absent, but never read at inference
     ignored: list[str] = field(default_factory=list)  # dropped on purpose (lm_head.*)
+    fresh: list[str] = field(default_factory=list)  # absent, allowed to keep their initial values (start_fresh)
 
     @property
     def ok(self) -> bool:
@@ -162,6 +163,8 @@ class LoadReport:
             text += f", {len(self.ignored)} ignored ({_names(self.ignored, 3)})"
         if self.unused_missing:
             text += f", absent but unused at inference: {_names(self.unused_missing)}"
+        if self.fresh:
+            text += f", {len(self.fresh)} absent and left at their initial values ({_names(self.fresh, 3)})"
         return text
 
     def raise_if_problems(self, what: str, config_name: str) -> None:
@@ -178,11 +181,12 @@ def _dtype_fits(value: torch.Tensor, target: torch.Tensor) -> bool:
 
 
 def check_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], *,
-                     prefixes: tuple[str, ...] | None = None, ignored: list[str] | tuple[str, ...] = ()
-                     ) -> LoadReport:
+                     prefixes: tuple[str, ...] | None = None, ignored: list[str] | tuple[str, ...] = (),
+                     start_fresh: tuple[str, ...] = ()) -> LoadReport:
     """Names, shapes and dtypes only: works on a model built on `meta`.
 
-    With `prefixes`, only the model entries under them are expected (one file of several).
+    With `prefixes`, only the model entries under them are expected (one file of several). Entries whose name
+    contains one of `start_fresh`'s module names (".name.") may be absent: they keep the model's initial values.
     """
     targets = model.state_dict(keep_vars=True)
     report = LoadReport(ignored=list(ignored))
@@ -195,6 +199,8 @@ def check_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], *,
             report.rebuilt.append(name)
         elif name in _UNUSED_AT_INFERENCE:
             report.unused_missing.append(name)
+        elif any(f".{module}." in f".{name}" for module in start_fresh):
+            report.fresh.append(name)
         else:
             report.missing.append(name)
     for name, value in state_dict.items():
@@ -217,12 +223,12 @@ def _same_values(value: torch.Tensor, target: torch.Tensor) -> bool:
 
 
 def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], *, what: str = "checkpoint",
-              ignored: list[str] | tuple[str, ...] = ()) -> LoadReport:
+              ignored: list[str] | tuple[str, ...] = (), start_fresh: tuple[str, ...] = ()) -> LoadReport:
     """Check everything first, then copy tensor by tensor into the model's own storage (any device / dtype).
 
     Raises WeightsError naming every problem; the model is left untouched in that case.
     """
-    report = check_state_dict(model, state_dict, ignored=ignored)
+    report = check_state_dict(model, state_dict, ignored=ignored, start_fresh=start_fresh)
     targets = model.state_dict(keep_vars=True)
     for name in report.loaded:
         if is_derived_buffer(name):
@@ -248,7 +254,7 @@ def _build(cfg: AvatarForcingConfig, device: torch.device | str, origin: str) ->
 
 
 def load_model(cfg: AvatarForcingConfig, weights: str | os.PathLike | None, device: torch.device | str = "cpu",
-               *, offline: bool | None = None) -> AvatarForcing:
+               *, offline: bool | None = None, start_fresh: tuple[str, ...] = ()) -> AvatarForcing:
     """Build the model on `device` and fill it from checkpoints; the one entry point for the rest of the code.
 
     `weights`: None ($AVATAR_FORCING_WEIGHTS if set, else the hub), "hub" (the hub cache, downloading what is
@@ -257,6 +263,9 @@ def load_model(cfg: AvatarForcingConfig, weights: str | os.PathLike | None, devi
 
     The model is built directly on `device` (its derived buffers then come out right by construction) and
     tensors are copied into it one by one from memory-mapped files, so peak memory stays near one model.
+
+    `start_fresh`: module names whose parameters may be absent from the checkpoint and then keep their initial
+    values (training only: a configuration's extension layers on a checkpoint made without them).
     """
     source = weights_source(weights)
     ignored: list[str] = []
@@ -275,7 +284,7 @@ def load_model(cfg: AvatarForcingConfig, weights: str | os.PathLike | None, devi
         state_dict = official_state_dict(files, ignored=ignored)
         cfg = resolve_config(cfg, files.wav2vec2_config)
         model = _build(cfg, device, str(files.wav2vec2_config or "the configuration"))
-    report = load_into(model, state_dict, what=what, ignored=ignored)
+    report = load_into(model, state_dict, what=what, ignored=ignored, start_fresh=start_fresh)
     del state_dict
     log.info("loaded %s: %s", what, report.summary())
     return model
