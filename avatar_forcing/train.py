@@ -24,6 +24,7 @@ def add_train_command(subparsers) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     kinds = p.add_subparsers(dest="kind", required=True, metavar="KIND")
     add_autoencoder_command(kinds)
+    add_scale_latents_command(kinds)
     for kind, text in (("transformer", "diffusion-forcing flow matching"), ("dpo", "label-free Diffusion-DPO")):
         k = kinds.add_parser(kind, help=text)
         k.add_argument("--data", required=True, type=Path, help="shard folder (index.json)")
@@ -201,6 +202,45 @@ def add_autoencoder_command(kinds) -> None:
     k.add_argument("--seed", type=int, default=0)
     k.add_argument("--no-progress", action="store_true")
     k.set_defaults(func=run_train_autoencoder)
+
+
+def add_scale_latents_command(kinds) -> None:
+    k = kinds.add_parser("scale-latents",
+                         help="make a trained auto-encoder's motion latents FACTOR times larger, frames unchanged "
+                              "(before preparing the transformer's data)")
+    k.add_argument("--weights", required=True, help="the trained model (a .safetensors file or folder)")
+    k.add_argument("--config", default="official", help="'official' or a folder with small_config.json")
+    k.add_argument("--factor", required=True, type=float,
+                   help="e.g. 1 / the latents' standard deviation per dimension, so they are about unit variance "
+                        "against flow matching's unit noise (docs/training.md §6)")
+    k.add_argument("--out", required=True, type=Path, help="the rescaled model's .safetensors file")
+    k.set_defaults(func=run_scale_latents)
+
+
+def run_scale_latents(args: argparse.Namespace) -> int:
+    import torch
+    from safetensors.torch import save_file
+
+    from avatar_forcing.model.config import config_from_name
+    from avatar_forcing.model.dual_motion_encoder import EXTENSION_LAYERS
+    from avatar_forcing.model.training.autoencoder import scale_motion_latents
+    from avatar_forcing.weights.loading import load_model
+
+    if not args.factor > 0:
+        raise UserError(f"--factor must be positive, not {args.factor}")
+    if args.out.suffix != ".safetensors":
+        raise UserError(f"--out must name a .safetensors file, not {args.out}")
+    model = load_model(config_from_name(args.config), args.weights, start_fresh=EXTENSION_LAYERS)
+    scale_motion_latents(model.motion_autoencoder, args.factor)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_name(args.out.name + ".tmp")
+    with torch.no_grad():
+        tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(tensors, str(tmp), metadata={"format": "pt", "producer": "avatar-forcing train scale-latents",
+                                           "latent_scale": str(args.factor)})
+    tmp.replace(args.out)
+    print(f"{args.out}: motion latents x{args.factor:g}, frames unchanged")
+    return 0
 
 
 def video_files(paths: list[Path]) -> list[Path]:

@@ -130,6 +130,61 @@ def test_still_warps_start_the_decoder_from_the_identity_warp():
     assert before > 0.3 and after < 0.05, (before, after)
 
 
+def test_scaling_the_motion_latents_keeps_every_frame():
+    """`scale_motion_latents` (the built-in recipe's step before the transformer's data): every code the
+    auto-encoder makes grows by the factor, and every decoded frame stays the same."""
+    from avatar_forcing.model.avatar_forcing import build_model
+    from avatar_forcing.model.training.autoencoder import scale_motion_latents
+
+    cfg = from_golden_dir(FOLDER)
+    torch.manual_seed(0)
+    autoencoder = build_model(cfg, "cpu").motion_autoencoder.eval()
+    size = cfg.motion.input_size
+    images = torch.rand(3, 3, size, size, generator=torch.Generator().manual_seed(2)) * 2 - 1
+
+    def codes_and_frames():
+        with torch.no_grad():
+            portrait = autoencoder.encode_portrait(images[:1])
+            r_d = autoencoder.encode_motion(images[1:])
+            return portrait.s_r, portrait.r_s, r_d, autoencoder.decode_frames(portrait, r_d)
+
+    s_r, r_s, r_d, frames = codes_and_frames()
+    scale_motion_latents(autoencoder, 7.0)
+    s_r7, r_s7, r_d7, frames7 = codes_and_frames()
+    for before, after in ((s_r, s_r7), (r_s, r_s7), (r_d, r_d7)):
+        assert torch.allclose(after, 7.0 * before, rtol=1e-4, atol=1e-5)
+    # float32 rounding, amplified by random weights' large warps (3e-4 here; 5e-6 on the trained built-in one)
+    assert (frames7 - frames).abs().max() < 1e-3 * max(1.0, float(frames.abs().max()))
+    with pytest.raises(ValueError, match="positive"):
+        scale_motion_latents(autoencoder, 0.0)
+
+
+def test_scale_latents_command_writes_a_model_with_larger_latents_and_the_same_frames(tmp_path, capsys):
+    from avatar_forcing.cli import main
+    from avatar_forcing.weights.loading import load_model
+
+    cfg = from_golden_dir(FOLDER)
+    weights = FOLDER / "small_weights.safetensors"
+    out = tmp_path / "scaled.safetensors"
+    args = ["train", "scale-latents", "--weights", str(weights), "--config", str(FOLDER), "--out", str(out)]
+    assert main([*args, "--factor", "5"]) == 0
+    size = cfg.motion.input_size
+    images = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    results = []
+    for model in (load_model(cfg, weights), load_model(cfg, out)):
+        autoencoder = model.motion_autoencoder.eval()
+        with torch.no_grad():
+            portrait = autoencoder.encode_portrait(images[:1])
+            r_d = autoencoder.encode_motion(images[1:])
+            results.append((r_d, autoencoder.decode_frames(portrait, r_d)))
+    (r_d, frames), (r_d5, frames5) = results
+    assert torch.allclose(r_d5, 5 * r_d, rtol=1e-4, atol=1e-5)
+    assert (frames5 - frames).abs().max() < 1e-3 * max(1.0, float(frames.abs().max()))
+    capsys.readouterr()
+    assert main([*args, "--factor", "-1"]) == 2
+    assert "--factor must be positive" in capsys.readouterr().err
+
+
 def test_moving_l1_sees_only_what_moved():
     """Copying the source costs the full error where the driving frame moved; an error where nothing moved
     costs (almost) nothing; a perfect reconstruction costs zero."""

@@ -30,6 +30,7 @@ from torch import nn
 
 from ..avatar_forcing import AvatarForcing
 from ..motion_autoencoder import MotionAutoencoder, ToFlow
+from ..stylegan_ops import EqualLinear, ModulatedConv2d
 from .flow_matching import window_generator
 
 PREFIX = "motion_autoencoder."
@@ -91,6 +92,36 @@ def start_with_still_warps(autoencoder: MotionAutoencoder, scale: float = 0.01) 
             assert isinstance(head, ToFlow)
             head.conv.weight.mul_(scale)
             head.bias.zero_()
+
+
+def scale_motion_latents(autoencoder: MotionAutoencoder, factor: float) -> None:
+    """Reparametrise a trained auto-encoder so that every code it makes (s_r, and the motion latents r_s and
+    r_d) is `factor` times larger while every decoded frame stays the same.
+
+    Flow matching adds unit-variance noise to the motion latents. An auto-encoder trained from scratch here
+    makes latents of about 0.04 per dimension (0.02 for the moving part), so by the sampler's last step (noise
+    0.125) nothing of the motion is left to resolve and the transformer's motion comes out damped; a latent
+    diffusion model scales its latents to unit variance for the same reason. Exact, because the codes only
+    meet linear maps: the appearance code's last convolution (no bias) is scaled up, the motion MLP (linear
+    layers only) takes its input scaled down and its output scaled up, and every decoder modulation that reads
+    s_r + r_d takes it scaled down."""
+    if factor <= 0:
+        raise ValueError(f"the latent scale must be positive, not {factor}")
+    enc, dec = autoencoder.enc, autoencoder.dec
+    fc = [layer for layer in enc.fc if isinstance(layer, EqualLinear)]
+    if len(fc) != len(enc.fc):
+        raise ValueError("the motion MLP is not made of linear layers only: its codes cannot be rescaled exactly")
+    with torch.no_grad():
+        code_conv = enc.net_app.convs[-1]
+        if code_conv.bias is not None:
+            raise ValueError("the appearance code's convolution has a bias: its codes cannot be rescaled exactly")
+        code_conv.weight.mul_(factor)
+        fc[0].weight.div_(factor)
+        fc[-1].weight.mul_(factor)
+        fc[-1].bias.mul_(factor)
+        for module in dec.modules():
+            if isinstance(module, ModulatedConv2d):
+                module.modulation.weight.div_(factor)
 
 
 # -- data -----------------------------------------------------------------------------------------------------
