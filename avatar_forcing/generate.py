@@ -58,10 +58,12 @@ def run_generate(args: argparse.Namespace) -> int:
     # Everything that can be wrong with the inputs is found before the model loads (minutes with the
     # official weights): missing files, a portrait without a face, a video that is not one, no weights.
     check_files(job)
-    use_builtin_unless_configured(args)
+    stands_in = use_builtin_unless_configured(args)
     cfg = config_from_name(args.config)
     portrait_crop(job.avatar_image, cfg.motion.input_size, job.crop_portrait, default_detector())
     probe_video(job.user_video)
+    if stands_in:  # said once the inputs are known to be good, as `serve` says it when it starts
+        log.warning(builtin.notice())
     if args.config in ("", "official"):
         log.info("weights: %s", hub.preflight(args.weights))
     elif args.config != builtin.NAME:  # (the built-in model was announced, or named)
@@ -109,9 +111,9 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def use_builtin_unless_configured(args: argparse.Namespace) -> None:
-    """Nothing configured and no official files in the cache: the built-in model, said in one line (as
-    `avatar-forcing serve` does)."""
+def use_builtin_unless_configured(args: argparse.Namespace) -> bool:
+    """Nothing configured and no official files in the cache: the built-in model (True: the caller says so in
+    one line, as `avatar-forcing serve` does)."""
     import os
 
     from avatar_forcing.weights import builtin, hub
@@ -120,4 +122,5 @@ def use_builtin_unless_configured(args: argparse.Namespace) -> None:
         args.weights = args.weights or builtin.NAME
     elif builtin.stands_in(args.config, args.weights or os.environ.get(hub.WEIGHTS_ENV)):
         args.config, args.weights = builtin.NAME, builtin.NAME
-        log.warning(builtin.notice())
+        return True
+    return False

@@ -118,9 +118,10 @@ def test_generate_checks_inputs_before_the_model(tmp_path):
                   tmp_path)
     assert done.returncode == 2 and "output folder" in done.stderr and "does not exist" in done.stderr
 
-    # Inputs fine, no weights: the weights check answers in one line, still before any loading.
-    done, took = run(["generate", "--avatar-image", str(portrait), *common, "-o", str(tmp_path / "out.mp4")],
-                     tmp_path)
+    # Inputs fine, the official weights asked for and not there: the weights check answers in one line, still
+    # before any loading (with nothing asked for, the built-in model would serve).
+    done, took = run(["generate", "--avatar-image", str(portrait), *common, "--weights", "hub",
+                      "-o", str(tmp_path / "out.mp4")], tmp_path)
     assert done.returncode == 2 and "hub cannot be reached" in done.stderr, done.stderr
     assert "model loaded" not in done.stderr and took < 20
 
