@@ -150,6 +150,7 @@ def server(tmp_path_factory):
 def launch_browser(media, home: Path, args=CHROME_ARGS):
     y4m, wav = media
     # The browser writes caches and settings under HOME/XDG dirs: keep them in the test's tmp folder.
+    home.mkdir(parents=True, exist_ok=True)  # (chromedriver exits at once when its log's folder is missing)
     env = dict(os.environ, HOME=str(home), XDG_CACHE_HOME=str(home / "cache"), XDG_CONFIG_HOME=str(home / "config"),
                SE_OFFLINE="true")
     options = webdriver.ChromeOptions()
