@@ -25,6 +25,7 @@ from aiortc.contrib.media import MediaPlayer
 from aiortc.mediastreams import MediaStreamError
 
 from avatar_forcing.model.media.audio import frame_to_mono
+from avatar_forcing.server.config import CLIENT_KEEP_ALIVE_S
 
 
 @dataclass
@@ -68,7 +69,8 @@ class AvatarClient:
         self.base_url = base_url.rstrip("/")
         self.token = token
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.http = httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=timeout)
+        self.http = httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=timeout,
+                                      limits=httpx.Limits(keepalive_expiry=CLIENT_KEEP_ALIVE_S))
         self.pc: RTCPeerConnection | None = None
         self.player: MediaPlayer | None = None
         self.session_id: str | None = None

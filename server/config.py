@@ -14,6 +14,12 @@ from avatar_forcing.errors import UserError
 ENV_PREFIX = "AVATAR_FORCING_"
 
 
+# How long this project's clients (server.client, integrations.remote) keep an idle connection: less than the
+# server's keep_alive_s. With equal times (httpx's default is also 5 s) a request sent just as the server closes the
+# connection fails with ReadError (seen once in 20 barge-in trials).
+CLIENT_KEEP_ALIVE_S = 2.0
+
+
 @dataclass
 class ServerSettings:
     # Listening

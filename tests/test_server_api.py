@@ -368,3 +368,10 @@ def test_admission_predicts_overload_from_the_measured_session_cost(tmp_path):
         if code == "overloaded":
             ready = c.get("/readyz")
             assert ready.status_code == 503 and ready.json()["reason"] == "overloaded"
+
+
+def test_the_project_clients_drop_idle_connections_before_the_server_does():
+    """Equal keep-alive times race: a request sent as the server closes its idle connection fails (ReadError)."""
+    from avatar_forcing.server.config import CLIENT_KEEP_ALIVE_S, ServerSettings
+
+    assert 0 < CLIENT_KEEP_ALIVE_S < ServerSettings().keep_alive_s

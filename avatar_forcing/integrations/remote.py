@@ -28,6 +28,8 @@ import websockets
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
+from avatar_forcing.server.config import CLIENT_KEEP_ALIVE_S
+
 log = logging.getLogger("avatar_forcing.integrations")
 
 Callback = Callable[[Any], Awaitable[None] | None]
@@ -88,7 +90,8 @@ class RemoteAvatar:
         self.url, self.token, self.seed = url.rstrip("/"), token, seed
         self.portrait, self.avatar_id = portrait, avatar_id
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.http = httpx.AsyncClient(base_url=self.url, headers=headers, timeout=timeout_s)
+        self.http = httpx.AsyncClient(base_url=self.url, headers=headers, timeout=timeout_s,
+                                      limits=httpx.Limits(keepalive_expiry=CLIENT_KEEP_ALIVE_S))
         self.microphone = FedTrack("audio", max_queued=50)  # 1 s of 20 ms frames
         self.camera = FedTrack("video", max_queued=2)
         self.on_video: Callback | None = None
