@@ -218,12 +218,10 @@ def add_scale_latents_command(kinds) -> None:
 
 
 def run_scale_latents(args: argparse.Namespace) -> int:
-    import torch
-    from safetensors.torch import save_file
-
     from avatar_forcing.model.config import config_from_name
     from avatar_forcing.model.dual_motion_encoder import EXTENSION_LAYERS
     from avatar_forcing.model.training.autoencoder import scale_motion_latents
+    from avatar_forcing.weights.convert import save_safetensors
     from avatar_forcing.weights.loading import load_model
 
     if not args.factor > 0:
@@ -233,12 +231,7 @@ def run_scale_latents(args: argparse.Namespace) -> int:
     model = load_model(config_from_name(args.config), args.weights, start_fresh=EXTENSION_LAYERS)
     scale_motion_latents(model.motion_autoencoder, args.factor)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    with torch.no_grad():
-        tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(tensors, str(tmp), metadata={"format": "pt", "producer": "avatar-forcing train scale-latents",
-                                           "latent_scale": str(args.factor)})
-    tmp.replace(args.out)
+    save_safetensors(model.state_dict(), args.out, source=f"{args.weights}, motion latents x{args.factor:g}")
     print(f"{args.out}: motion latents x{args.factor:g}, frames unchanged")
     return 0
 

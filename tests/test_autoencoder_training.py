@@ -130,6 +130,14 @@ def test_still_warps_start_the_decoder_from_the_identity_warp():
     assert before > 0.3 and after < 0.05, (before, after)
 
 
+def codes_and_frames(autoencoder, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(s_r, r_s of images[0] as the portrait, r_d of the others, their decoded frames)."""
+    with torch.no_grad():
+        portrait = autoencoder.encode_portrait(images[:1])
+        r_d = autoencoder.encode_motion(images[1:])
+        return portrait.s_r, portrait.r_s, r_d, autoencoder.decode_frames(portrait, r_d)
+
+
 def test_scaling_the_motion_latents_keeps_every_frame():
     """`scale_motion_latents` (the built-in recipe's step before the transformer's data): every code the
     auto-encoder makes grows by the factor, and every decoded frame stays the same."""
@@ -141,16 +149,9 @@ def test_scaling_the_motion_latents_keeps_every_frame():
     autoencoder = build_model(cfg, "cpu").motion_autoencoder.eval()
     size = cfg.motion.input_size
     images = torch.rand(3, 3, size, size, generator=torch.Generator().manual_seed(2)) * 2 - 1
-
-    def codes_and_frames():
-        with torch.no_grad():
-            portrait = autoencoder.encode_portrait(images[:1])
-            r_d = autoencoder.encode_motion(images[1:])
-            return portrait.s_r, portrait.r_s, r_d, autoencoder.decode_frames(portrait, r_d)
-
-    s_r, r_s, r_d, frames = codes_and_frames()
+    s_r, r_s, r_d, frames = codes_and_frames(autoencoder, images)
     scale_motion_latents(autoencoder, 7.0)
-    s_r7, r_s7, r_d7, frames7 = codes_and_frames()
+    s_r7, r_s7, r_d7, frames7 = codes_and_frames(autoencoder, images)
     for before, after in ((s_r, s_r7), (r_s, r_s7), (r_d, r_d7)):
         assert torch.allclose(after, 7.0 * before, rtol=1e-4, atol=1e-5)
     # float32 rounding, amplified by random weights' large warps (3e-4 here; 5e-6 on the trained built-in one)
@@ -170,14 +171,8 @@ def test_scale_latents_command_writes_a_model_with_larger_latents_and_the_same_f
     assert main([*args, "--factor", "5"]) == 0
     size = cfg.motion.input_size
     images = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(3)) * 2 - 1
-    results = []
-    for model in (load_model(cfg, weights), load_model(cfg, out)):
-        autoencoder = model.motion_autoencoder.eval()
-        with torch.no_grad():
-            portrait = autoencoder.encode_portrait(images[:1])
-            r_d = autoencoder.encode_motion(images[1:])
-            results.append((r_d, autoencoder.decode_frames(portrait, r_d)))
-    (r_d, frames), (r_d5, frames5) = results
+    _, _, r_d, frames = codes_and_frames(load_model(cfg, weights).motion_autoencoder.eval(), images)
+    _, _, r_d5, frames5 = codes_and_frames(load_model(cfg, out).motion_autoencoder.eval(), images)
     assert torch.allclose(r_d5, 5 * r_d, rtol=1e-4, atol=1e-5)
     assert (frames5 - frames).abs().max() < 1e-3 * max(1.0, float(frames.abs().max()))
     capsys.readouterr()
