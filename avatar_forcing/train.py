@@ -145,6 +145,26 @@ def rig_pairs(looks: int, size: int, seed: int):
     return RigPairs(rigs, seed=seed)
 
 
+def code_field_weights(pairs: list[str]) -> tuple[float, ...]:
+    """`--code-field-weight smile=8 ...` -> one weight per rig code field (1 where not given); () when none."""
+    from avatar_forcing.model.training.rig_pairs import CODE_FIELDS
+
+    if not pairs:
+        return ()
+    weights = dict.fromkeys(CODE_FIELDS, 1.0)
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        if name not in weights:
+            raise UserError(f"--code-field-weight {pair}: no field {name!r}; the fields are {' '.join(CODE_FIELDS)}")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise UserError(f"--code-field-weight {pair}: the weight must be a number, as in smile=8") from None
+        if weights[name] < 0:
+            raise UserError(f"--code-field-weight {pair}: the weight must be 0 or more")
+    return tuple(weights.values())
+
+
 def saved_step(out: Path) -> int:
     """The step of a run folder's saved training state (0 when there is none)."""
     import torch
@@ -164,6 +184,9 @@ def add_autoencoder_command(kinds) -> None:
                         "packaged public-domain portrait, with their expressions (see --code-weight)")
     k.add_argument("--code-weight", type=float, default=0.0,
                    help="rig pairs: weight of the motion magnitudes' regression onto the known expression")
+    k.add_argument("--code-field-weight", action="append", default=[], metavar="FIELD=W",
+                   help="rig pairs: weight of one expression field inside the code term (default 1 each; fields: "
+                        "jaw smile rounding blink brows yaw pitch roll); repeat for several")
     k.add_argument("--teacher", type=float, default=0.0,
                    help="rig pairs: share of pairs whose decoder gets the known expression (teacher forcing)")
     k.add_argument("--motion-lr-scale", type=float, default=1.0,
@@ -303,7 +326,8 @@ def run_train_autoencoder(args: argparse.Namespace) -> int:
             raise UserError(str(exc)) from exc
     weights = ReconstructionWeights(ssim=args.ssim_weight, gradient=args.gradient_weight,
                                     perceptual=args.perceptual_weight, moving=args.moving_weight,
-                                    code=args.code_weight, teacher=args.teacher)
+                                    code=args.code_weight, teacher=args.teacher,
+                                    code_fields=code_field_weights(args.code_field_weight))
     lr_scales = {prefix: args.finest_lr_scale for prefix in finest_level(model.motion_autoencoder)}
     lr_scales["enc.fc."] = args.motion_lr_scale
     lr_scales = {prefix: scale for prefix, scale in lr_scales.items() if scale != 1.0}

@@ -266,3 +266,49 @@ def test_finest_level_names_the_decoders_last_level_from_the_configuration():
     # The flow head of that level predicts the grid at the frame's own size.
     (flow,) = [m for n, m in net.named_modules() if n + "." in prefixes and n.startswith("dec.to_flows.")]
     assert flow.grid.shape[1] == cfg.motion.input_size
+
+
+def test_code_field_weights_weigh_each_expression_field_in_the_code_term():
+    """With one field's error alone, the code term is that error times the field's share of the weights; all-ones
+    weights give the plain mean (the recipe's earlier runs); a wrong count is a clear error."""
+    from avatar_forcing.model.training.autoencoder import PairBatch, ReconstructionWeights
+    from avatar_forcing.model.training.rig_pairs import CODE_FIELDS
+
+    k = len(CODE_FIELDS)
+    smile = CODE_FIELDS.index("smile")
+
+    class FixedMagnitudes(torch.nn.Module):
+        """Rebuilds the driving frame exactly and predicts every code right but the smile (off by 0.5)."""
+
+        def forward(self, source, driving, with_magnitudes=False, known=None, forced=None):
+            magnitudes = known.clone()
+            magnitudes[:, smile] += 0.5
+            return driving, magnitudes
+
+    frames = torch.zeros(2, 3, 8, 8)
+    batch = PairBatch(frames, frames, torch.arange(2), torch.rand(2, k))
+
+    def code_term(fields: tuple[float, ...]) -> float:
+        objective = ReconstructionObjective(ReconstructionWeights(code=1.0, code_fields=fields))
+        return objective.loss(FixedMagnitudes(), batch, step=0)[1]["code"]
+
+    assert code_term(()) == pytest.approx(0.25 / k)
+    assert code_term((1.0,) * k) == pytest.approx(0.25 / k)
+    heavy = tuple(8.0 if name == "smile" else 1.0 for name in CODE_FIELDS)
+    assert code_term(heavy) == pytest.approx(0.25 * 8 / (k + 7))
+    with pytest.raises(ValueError, match="code field weights"):
+        code_term((1.0, 2.0))
+
+
+def test_code_field_weight_option_names_fields_and_rejects_bad_ones():
+    from avatar_forcing.errors import UserError
+    from avatar_forcing.model.training.rig_pairs import CODE_FIELDS
+    from avatar_forcing.train import code_field_weights
+
+    assert code_field_weights([]) == ()
+    weights = code_field_weights(["smile=8", "rounding=4"])
+    assert dict(zip(CODE_FIELDS, weights, strict=True)) == {**dict.fromkeys(CODE_FIELDS, 1.0), "smile": 8.0,
+                                                             "rounding": 4.0}
+    for bad, says in (("grin=3", "no field 'grin'"), ("smile=lots", "must be a number"), ("smile=-1", "0 or more")):
+        with pytest.raises(UserError, match=says):
+            code_field_weights([bad])

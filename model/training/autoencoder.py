@@ -266,6 +266,9 @@ class ReconstructionWeights:
     moving: float = 0.0  # L1 where source and driving differ (see `moving_l1`)
     code: float = 0.0  # rig-rendered pairs: the first motion magnitudes regress the known expression
     teacher: float = 0.0  # rig-rendered pairs: share of pairs whose decoder gets the known expression
+    # Rig-rendered pairs: a weight per code field (rig_pairs.CODE_FIELDS order) inside the code term; empty =
+    # all 1. Small expressions (a smile moves a few pixels at 128 px) need more than the head turns do.
+    code_fields: tuple[float, ...] = ()
 
 
 class ReconstructionObjective:
@@ -296,7 +299,10 @@ class ReconstructionObjective:
                                     forced=forced)
             parts = self.parts(recon, batch.driving, batch.source)
             known = batch.driving_code.float()
-            parts["code"] = ((magnitudes[:, :known.shape[1]].float() - known) ** 2).mean(1)
+            per_field = known.new_tensor(self.w.code_fields or (1.0,) * known.shape[1])
+            if per_field.shape[0] != known.shape[1]:
+                raise ValueError(f"{per_field.shape[0]} code field weights for {known.shape[1]} code fields")
+            parts["code"] = (per_field * (magnitudes[:, :known.shape[1]].float() - known) ** 2).sum(1) / per_field.sum()
         else:
             parts = self.parts(net(batch.source, batch.driving), batch.driving, batch.source)
         total = sum(getattr(self.w, name) * value.mean() for name, value in parts.items())
