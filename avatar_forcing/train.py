@@ -124,7 +124,7 @@ def run_train(args: argparse.Namespace) -> int:
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
 
 
-def rig_pairs(looks: int, size: int, seed: int, matched: float = 0.0):
+def rig_pairs(looks: int, size: int, seed: int):
     """`RigPairs` over `looks` looks of the packaged portrait: the looks `data conversations` gives seeds 1, 2, ...
     (eight per seed), so the auto-encoder and the conversations see the same faces."""
     from avatar_forcing.errors import NoFaceError
@@ -142,7 +142,7 @@ def rig_pairs(looks: int, size: int, seed: int, matched: float = 0.0):
         rigs = [FaceRig(augmented(face, 1000 * (1 + i // 8) + i % 8)) for i in range(looks)]
     except NoFaceError as exc:
         raise UserError(f"a look of the sample portrait has no face for the rig: {exc}") from None
-    return RigPairs(rigs, seed=seed, matched=matched)
+    return RigPairs(rigs, seed=seed)
 
 
 def code_field_weights(pairs: list[str]) -> tuple[float, ...]:
@@ -182,9 +182,6 @@ def add_autoencoder_command(kinds) -> None:
     k.add_argument("--rig-looks", type=int, default=0,
                    help="instead of videos: pairs rendered on the fly by the face rig from this many looks of the "
                         "packaged public-domain portrait, with their expressions (see --code-weight)")
-    k.add_argument("--rig-matched", type=float, default=0.0,
-                   help="rig pairs: share of pairs that differ only by a smile, lip rounding or blink (the small "
-                        "expressions random pairs do not teach)")
     k.add_argument("--code-weight", type=float, default=0.0,
                    help="rig pairs: weight of the motion magnitudes' regression onto the known expression")
     k.add_argument("--code-field-weight", action="append", default=[], metavar="FIELD=W",
@@ -320,9 +317,7 @@ def run_train_autoencoder(args: argparse.Namespace) -> int:
             clips.append(crops_of_video(path, size, max_frames=args.max_frames))
         except MediaError as exc:
             raise UserError(f"{path}: {exc}") from exc
-    if not 0.0 <= args.rig_matched <= 1.0:
-        raise UserError(f"--rig-matched is a share of the pairs, within 0 and 1, not {args.rig_matched}")
-    pairs = rig_pairs(args.rig_looks, size, args.seed, args.rig_matched) if args.rig_looks else None
+    pairs = rig_pairs(args.rig_looks, size, args.seed) if args.rig_looks else None
     perceptual = None
     if args.perceptual is not None:
         try:

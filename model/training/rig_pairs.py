@@ -13,7 +13,7 @@ Pair j of step s is drawn from a generator keyed by (seed, s, j), like `FramePai
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import fields, replace
+from dataclasses import fields
 
 import numpy as np
 import torch
@@ -43,11 +43,6 @@ def random_expression(rng: np.random.Generator) -> Expression:
     )
 
 
-# The small expressions: a few pixels each at 128 px, so an encoder learning from random pairs (every field
-# changed at once) does not pick them up (docs/training.md §6). A matched pair changes only these.
-SUBTLE_FIELDS = ("smile", "rounding", "blink")
-
-
 def expression_code(e: Expression) -> np.ndarray:
     return np.array([getattr(e, name) / CODE_SCALE[name] for name in CODE_FIELDS], dtype=np.float32)
 
@@ -55,12 +50,7 @@ def expression_code(e: Expression) -> np.ndarray:
 class RigPairs:
     """Random (source, driving) pairs rendered from rigged looks (each an S x S face crop's `FaceRig`)."""
 
-    def __init__(self, rigs: Sequence[FaceRig], seed: int = 0, matched: float = 0.0):
-        """`matched`: the share of pairs whose source makes the driving frame's expression but for the subtle
-        fields (SUBTLE_FIELDS, drawn anew), so that all the two frames differ by is a smile, a rounding or a
-        blink."""
-        if not 0.0 <= matched <= 1.0:
-            raise ValueError(f"the share of matched pairs must be within [0, 1], not {matched}")
+    def __init__(self, rigs: Sequence[FaceRig], seed: int = 0):
         if not rigs:
             raise ValueError("no rigged looks to render pairs from")
         sizes = {rig.portrait.shape for rig in rigs}
@@ -68,7 +58,6 @@ class RigPairs:
             raise ValueError(f"all looks must be one size, got {sorted(sizes)}")
         self.rigs = list(rigs)
         self.seed = seed
-        self.matched = matched
 
     def __len__(self) -> int:
         return len(self.rigs)
@@ -78,8 +67,6 @@ class RigPairs:
         rig = self.rigs[int(torch.randint(0, len(self.rigs), (1,), generator=gen))]
         rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=gen)))
         source, driving = random_expression(rng), random_expression(rng)
-        if self.matched and rng.random() < self.matched:
-            source = replace(driving, **{name: getattr(source, name) for name in SUBTLE_FIELDS})
         return rig.render(source), rig.render(driving), expression_code(driving)
 
     def batch(self, step: int, global_batch: int, first: int, count: int) -> PairBatch:
