@@ -125,11 +125,12 @@ def test_admission_under_a_slow_worker_keeps_the_admitted_session_in_real_time(t
     assert refused.status == 503 and refused.error["code"] == "overloaded"
     # In real time: it keeps up with its input (catch-up would skip ahead) and its frames are fresh. Had the
     # second session been admitted (admission off, measured here): 6 skip-aheads in 6 s and 9.8 fresh frames/s.
-    # Alone it has none, except a single one now and then when the CI machine's 2 cores stall (1 in 6 s, 22.9
-    # fresh frames/s, once in a CI run): one is allowed. Block latency includes the wait for the microphone's
-    # packets and a block may miss the playout delay's margin (the delay absorbs it): neither is asserted.
-    assert skipped <= 1, f"{skipped} skip-aheads in 6 s: the session fell behind its input"
-    assert fresh >= 22, f"the admitted session ran at {fresh:.1f} fresh frames/s"
+    # Alone it has none, except when the CI machine's 2 cores stall (seen in CI runs: 1 skip-ahead and 22.9 fresh
+    # frames/s; 2 and 19.6). The bounds sit between the two cases: at most 3 skip-aheads, at least 15 frames/s.
+    # Block latency includes the wait for the microphone's packets and a block may miss the playout delay's
+    # margin (the delay absorbs it): neither is asserted.
+    assert skipped <= 3, f"{skipped} skip-aheads in 6 s: the session fell behind its input"
+    assert fresh >= 15, f"the admitted session ran at {fresh:.1f} fresh frames/s"
 
 
 def test_a_worker_slower_than_real_time_skips_ahead_instead_of_queueing(tmp_path):
