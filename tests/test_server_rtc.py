@@ -165,7 +165,9 @@ def test_random_weights_concurrent_sessions_all_keep_their_rate(server, avatar_i
                 await c.close()
 
     rates = asyncio.run(run())
-    assert all(23.0 <= r <= 27.0 for r in rates), rates
+    # A busy CI machine's 2 cores once left all three at 22.0-23.5 (a fresh-clone run, 2026-12-02): the lower
+    # bound allows that, well above what a session that fell out of real time delivers (the admission test: 9.8).
+    assert all(21.0 <= r <= 27.0 for r in rates), rates
 
 
 def test_random_weights_over_capacity_is_503_and_others_keep_running(server, avatar_id):
