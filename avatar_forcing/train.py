@@ -185,8 +185,8 @@ def add_autoencoder_command(kinds) -> None:
     k.add_argument("--code-weight", type=float, default=0.0,
                    help="rig pairs: weight of the motion magnitudes' regression onto the known expression")
     k.add_argument("--code-field-weight", action="append", default=[], metavar="FIELD=W",
-                   help="rig pairs: weight of one expression field inside the code term (default 1 each; fields: "
-                        "jaw smile rounding blink brows yaw pitch roll); repeat for several")
+                   help="rig pairs: weight of one expression field (e.g. smile) inside the code term (default 1 "
+                        "each; an unknown name lists the fields); repeat for several")
     k.add_argument("--teacher", type=float, default=0.0,
                    help="rig pairs: share of pairs whose decoder gets the known expression (teacher forcing)")
     k.add_argument("--motion-lr-scale", type=float, default=1.0,
