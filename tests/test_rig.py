@@ -63,6 +63,16 @@ def test_jaw_smile_and_rounding_move_the_mouth(rigged):
     assert smile(measure(Expression(rounding=1.0))) < 0.97 * smile(neutral)
 
 
+def test_a_smile_parts_the_lips_a_little(rigged):
+    """The teeth show in a smile (what makes it learnable by the motion encoder), but it opens the mouth far less
+    than speech does."""
+    _, _, measure = rigged
+    closed = mouth_opening(measure(Expression()))
+    smiling = mouth_opening(measure(Expression(smile=1.0)))
+    speaking = mouth_opening(measure(Expression(jaw=0.6)))
+    assert closed + 0.03 < smiling < speaking, (closed, smiling, speaking)
+
+
 
 def test_a_blink_closes_the_eyes_and_changes_nothing_else(rigged):
     """The mesh's eyelid points barely follow a blink (MediaPipe refines eyes with a separate iris model), so the

@@ -125,6 +125,10 @@ class FaceRig:
             near = np.exp(-(np.linalg.norm(self.base[:, :2] - self.base[corner, :2], axis=1) / (0.3 * iod)) ** 2)
             p[:, 0] += near * side * (0.13 * e.smile - 0.12 * e.rounding) * iod
             p[:, 1] -= near * 0.07 * e.smile * iod
+        # A smile also parts the lips a little, so the teeth show: the thin-lipped smile alone is too subtle for
+        # the motion encoder to learn (docs/training.md section 6).
+        p[LOWER_LIP, 1] += e.smile * 0.08 * iod * lips[LOWER_LIP]
+        p[UPPER_LIP, 1] -= e.smile * 0.03 * iod * lips[UPPER_LIP]
         # Blink: each upper-lid point comes down to the lower-lid point under it.
         p[UPPER_LIDS, 1] += e.blink * 0.92 * (self.base[LOWER_LIDS, 1] - self.base[UPPER_LIDS, 1])
         # Brows.
