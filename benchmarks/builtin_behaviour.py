@@ -4,6 +4,7 @@ long session (SSIM of the face region at its last minute against its first).
 
     .venv/bin/python benchmarks/builtin_behaviour.py --seeds 1 2 3 4 --seconds 30
     .venv/bin/python benchmarks/builtin_behaviour.py --seeds 1 --long-minutes 10
+    .venv/bin/python benchmarks/builtin_behaviour.py --smile-response   # smiles against a counterfactual
     .venv/bin/python benchmarks/builtin_behaviour.py --portrait some_face.jpg     # an uploaded portrait
 
 Options --config / --weights measure another model the same way (default: the built-in one).
@@ -21,7 +22,7 @@ import torch
 from avatar_forcing.model.config import config_from_name
 from avatar_forcing.model.media.face import crop_portrait
 from avatar_forcing.model.media.image import load_image
-from avatar_forcing.model.training.behaviour import face_ssim, generate_for, measure
+from avatar_forcing.model.training.behaviour import SMILE_RISE, face_ssim, generate_for, measure, smile_response
 from avatar_forcing.model.training.conversations import augmented, make_conversation, packaged_portraits
 from avatar_forcing.weights.loading import load_model
 
@@ -36,6 +37,8 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=30.0)
     p.add_argument("--portrait", type=Path, default=None, help="the avatar's portrait (default: held-out looks)")
     p.add_argument("--long-minutes", type=float, default=0.0, help="also one session this long: identity drift")
+    p.add_argument("--smile-response", action="store_true",
+                   help="also generate each conversation without the user's smiles: how much wider the mouth is with")
     p.add_argument("--save-frames", type=Path, default=None, help="write the first conversation's frames (.npy)")
     args = p.parse_args()
     torch.set_num_threads(2)
@@ -43,7 +46,7 @@ def main() -> None:
     size = model.config.motion.input_size
     grace = crop_portrait(load_image(packaged_portraits()["grace_hopper"]), size)
     uploaded = crop_portrait(load_image(args.portrait), size) if args.portrait else None
-    results = []
+    results, responses = [], []
     for seed in args.seeds:
         avatar = uploaded if uploaded is not None else augmented(grace, 400_000 + seed)
         user = augmented(grace, 500_000 + seed)
@@ -56,7 +59,10 @@ def main() -> None:
             np.save(args.save_frames, frames)
         behaviour = measure(conversation, avatar, frames)
         results.append(behaviour)
-        print(f"seed {seed}: {behaviour.line()} ({took:.0f} s for {args.seconds:.0f} s)", flush=True)
+        wider = smile_response(model, conversation, avatar, user) if args.smile_response else np.array([])
+        responses.extend(wider > SMILE_RISE)
+        answered = f"; smile response {np.round(wider, 3).tolist()}" if args.smile_response else ""
+        print(f"seed {seed}: {behaviour.line()}{answered} ({took:.0f} s for {args.seconds:.0f} s)", flush=True)
     backs = [b for r in results for b in r.smile_backs]
     print(f"summary over {len(results)} conversations of {args.seconds:.0f} s: "
           f"lip sync r median {np.median([r.lip_sync for r in results]):.2f} "
@@ -65,6 +71,9 @@ def main() -> None:
           f"(min {min(r.listening_ratio for r in results):.2f}), "
           f"smile back {np.mean(backs) if backs else float('nan'):.0%} of {len(backs)} onsets, "
           f"identity SSIM of first frames min {min(r.identity_first for r in results):.3f}")
+    if responses:
+        print(f"smile response: mouth wider by > {SMILE_RISE} with the smiling user than without "
+              f"after {np.mean(responses):.0%} of {len(responses)} onsets")
     if args.long_minutes > 0:
         seed = args.seeds[0]
         avatar = uploaded if uploaded is not None else augmented(grace, 400_000 + seed)

@@ -6,6 +6,7 @@ silence. A regression of the shipped weights, of the engine that runs them or of
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -20,8 +21,16 @@ import torch
 from avatar_forcing.model.config import config_from_name
 from avatar_forcing.model.media.face import crop_portrait
 from avatar_forcing.model.media.image import load_image
-from avatar_forcing.model.training.behaviour import generate_for, measure
-from avatar_forcing.model.training.conversations import VOICES, augmented, make_conversation, packaged_portraits
+from avatar_forcing.model.training.behaviour import SMILE_RISE, generate_for, measure, smile_response
+from avatar_forcing.model.training.conversations import (
+    EXPRESSION_FIELDS,
+    FPS,
+    VOICES,
+    augmented,
+    bump,
+    make_conversation,
+    packaged_portraits,
+)
 from avatar_forcing.weights import builtin
 from avatar_forcing.weights.loading import load_model
 
@@ -85,6 +94,23 @@ def test_its_first_frames_are_the_portrait(generated):
     """Identity: the first generated frame against the portrait (SSIM of the central face region)."""
     behaviour = generated[3]
     assert behaviour.identity_first >= IDENTITY_SSIM_MIN, behaviour.line()
+
+
+def test_it_smiles_back_when_the_user_smiles(model, generated):
+    """Listening: the held-out conversation with four smiles in the user's video, generated again without them
+    (same speech, same sampling noise); in the second after each onset of the user's smile the avatar's mouth
+    is wider (the face mesh's smile measure) with the smiling user, in most onsets and on average."""
+    conversation, avatar_look, _, _ = generated
+    expression = conversation.user.expression.copy()
+    expression[:, EXPRESSION_FIELDS.index("smile")] = sum(0.9 * bump(conversation.frames, start * FPS, 70)
+                                                          for start in (3, 8, 13, 18))
+    smiling = dataclasses.replace(conversation, user=dataclasses.replace(conversation.user, expression=expression))
+    user_look = augmented(crop_portrait(load_image(packaged_portraits()["grace_hopper"]),
+                                        model.config.motion.input_size), HELD_OUT_LOOKS[1])
+    wider = smile_response(model, smiling, avatar_look, user_look)
+    print("avatar's mouth width, smiling user minus still user, per onset:", np.round(wider, 3))
+    assert len(wider) == 4
+    assert (wider > SMILE_RISE).sum() >= 3 and wider.mean() >= SMILE_RISE, wider
 
 
 def test_serve_with_nothing_configured_runs_the_builtin_model_and_says_so(tmp_path):

@@ -5,11 +5,15 @@ as the user's video and audio, and the output is compared with what happened in 
 - lip sync: mouth opening against the avatar's speech envelope, best correlation within +-5 frames, its lag;
 - listening: head-motion energy while only the user speaks over that in mutual silence;
 - smile back: the share of the user's smile onsets after which the avatar's smile measure rises within 1 s;
+- smile response (`smile_response`): the same conversation generated again with the user's smiles taken out
+  of their video (same speech, same sampling noise); per onset, how much wider the avatar's mouth is in the
+  second after it with the smiling user than with the still one. Its own speech and smiles cancel out;
 - identity: SSIM of the central face region of a frame against the portrait (first frames, and later ones).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,6 +50,8 @@ def face_ssim(a: np.ndarray, b: np.ndarray) -> float:
     as_tensor = lambda x: torch.from_numpy(np.ascontiguousarray(x[box, box])).permute(2, 0, 1)[None].float() / 255
     return float(ssim(as_tensor(a), as_tensor(b)))
 
+SMILE_RISE = 0.01  # mouth width over eye distance that counts as smiling back (a full rig smile adds about 0.2)
+
 
 @dataclass
 class Behaviour:
@@ -77,23 +83,49 @@ def measure(conversation: Conversation, portrait: np.ndarray, frames: np.ndarray
     found = np.array([p is not None for p in seen])
     if not found.any():
         raise ValueError("the face mesh found no face in any generated frame")
-    points = _fill_gaps(seen)
+    points = fill_gaps(seen)
     r, lag = lip_sync(mouth_opening(points), envelope(conversation.avatar.pcm, conversation.frames))
     reference = normalised(points[0])
     pose = np.array([face_parameters(p[None], reference).pose[0] for p in points])
     avatar, user = conversation.avatar.speaking, conversation.user.speaking
     listening = head_motion_energy(pose, user & ~avatar)
     quiet = head_motion_energy(pose, ~user & ~avatar)
-    user_smile = conversation.user.expression[:, EXPRESSION_FIELDS.index("smile")]
-    onsets = np.flatnonzero((user_smile[1:] >= 0.3) & (user_smile[:-1] < 0.3)) + 1
-    onsets = onsets[(onsets > FPS // 2) & (onsets < len(frames) - FPS)]
+    onsets = smile_onsets(conversation, len(frames))
     width = smile(points)
-    backs = [bool(width[o + FPS // 4:o + FPS].mean() > width[o - FPS // 2:o].mean() + 0.01) for o in onsets]
+    backs = [bool(width[o + FPS // 4:o + FPS].mean() > width[o - FPS // 2:o].mean() + SMILE_RISE) for o in onsets]
     return Behaviour(float(found.mean()), r, lag, listening, quiet, backs, face_ssim(frames[0], portrait),
                      face_ssim(frames[-1], portrait))
 
 
-def _fill_gaps(seen: list[np.ndarray | None]) -> np.ndarray:
+def smile_onsets(conversation: Conversation, frames: int) -> np.ndarray:
+    """Frames where the user's smile crosses 0.3 upwards, with half a second before and a second after."""
+    user_smile = conversation.user.expression[:, EXPRESSION_FIELDS.index("smile")]
+    onsets = np.flatnonzero((user_smile[1:] >= 0.3) & (user_smile[:-1] < 0.3)) + 1
+    return onsets[(onsets > FPS // 2) & (onsets < frames - FPS)]
+
+
+def without_user_smiles(conversation: Conversation) -> Conversation:
+    """The same conversation with the user's smile track at zero (their speech and other motion unchanged)."""
+    expression = conversation.user.expression.copy()
+    expression[:, EXPRESSION_FIELDS.index("smile")] = 0.0
+    return dataclasses.replace(conversation, user=dataclasses.replace(conversation.user, expression=expression))
+
+
+def smile_response(model: AvatarForcing, conversation: Conversation, avatar_portrait: np.ndarray,
+                   user_portrait: np.ndarray, seed: int = 20, mesh: FaceMesh | None = None) -> np.ndarray:
+    """Per user smile onset: the avatar's mouth width (over eye distance) in the second after it, generated
+    with the user's smiles minus generated without them ([onsets]; > 0: it smiled back)."""
+    mesh = mesh or FaceMesh()
+    widths = []
+    for variant in (conversation, without_user_smiles(conversation)):
+        frames = generate_for(model, variant, avatar_portrait, user_portrait, seed)
+        mesh.reset()
+        widths.append(smile(fill_gaps([mesh(f) for f in frames])))
+    onsets = smile_onsets(conversation, len(widths[0]))
+    return np.array([widths[0][o:o + FPS].mean() - widths[1][o:o + FPS].mean() for o in onsets])
+
+
+def fill_gaps(seen: list[np.ndarray | None]) -> np.ndarray:
     """[T, 468, 3]: frames without a face take the nearest earlier face's landmarks (the first face's before it)."""
     last = next(p for p in seen if p is not None)
     out = []
