@@ -59,9 +59,11 @@ def main() -> None:
             np.save(args.save_frames, frames)
         behaviour = measure(conversation, avatar, frames)
         results.append(behaviour)
-        wider = smile_response(model, conversation, avatar, user) if args.smile_response else np.array([])
-        responses.extend(wider > SMILE_RISE)
-        answered = f"; smile response {np.round(wider, 3).tolist()}" if args.smile_response else ""
+        answered = ""
+        if args.smile_response:
+            wider = smile_response(model, conversation, avatar, user, frames=frames)
+            responses.extend(wider > SMILE_RISE)
+            answered = f"; smile response {np.round(wider, 3).tolist()}"
         print(f"seed {seed}: {behaviour.line()}{answered} ({took:.0f} s for {args.seconds:.0f} s)", flush=True)
     backs = [b for r in results for b in r.smile_backs]
     print(f"summary over {len(results)} conversations of {args.seconds:.0f} s: "

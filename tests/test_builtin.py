@@ -6,7 +6,6 @@ silence. A regression of the shipped weights, of the engine that runs them or of
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 import signal
@@ -21,9 +20,8 @@ import torch
 from avatar_forcing.model.config import config_from_name
 from avatar_forcing.model.media.face import crop_portrait
 from avatar_forcing.model.media.image import load_image
-from avatar_forcing.model.training.behaviour import SMILE_RISE, generate_for, measure, smile_response
+from avatar_forcing.model.training.behaviour import SMILE_RISE, generate_for, measure, smile_response, with_user_smile
 from avatar_forcing.model.training.conversations import (
-    EXPRESSION_FIELDS,
     FPS,
     VOICES,
     augmented,
@@ -74,25 +72,25 @@ def generated(model):
     assert frames.shape == (conversation.frames, size, size, 3)
     behaviour = measure(conversation, avatar_look, frames)
     print("built-in model on a held-out conversation:", behaviour.line())
-    return conversation, avatar_look, frames, behaviour
+    return conversation, avatar_look, user_look, frames, behaviour
 
 
 def test_its_mouth_follows_its_own_speech(generated):
     """Lip sync on held-out voices: mouth opening (face mesh on the output) against the speech envelope."""
-    behaviour = generated[3]
+    behaviour = generated[4]
     assert behaviour.faces_found > 0.95, behaviour.line()
     assert behaviour.lip_sync >= LIP_SYNC_MIN and abs(behaviour.lip_lag) <= 2, behaviour.line()
 
 
 def test_it_moves_more_while_the_user_speaks(generated):
     """Listening: head-motion energy while only the user speaks vs mutual silence."""
-    behaviour = generated[3]
+    behaviour = generated[4]
     assert behaviour.listening_ratio >= LISTENING_RATIO_MIN, behaviour.line()
 
 
 def test_its_first_frames_are_the_portrait(generated):
     """Identity: the first generated frame against the portrait (SSIM of the central face region)."""
-    behaviour = generated[3]
+    behaviour = generated[4]
     assert behaviour.identity_first >= IDENTITY_SSIM_MIN, behaviour.line()
 
 
@@ -100,13 +98,9 @@ def test_it_smiles_back_when_the_user_smiles(model, generated):
     """Listening: the held-out conversation with four smiles in the user's video, generated again without them
     (same speech, same sampling noise); in the second after each onset of the user's smile the avatar's mouth
     is wider (the face mesh's smile measure) with the smiling user, in most onsets and on average."""
-    conversation, avatar_look, _, _ = generated
-    expression = conversation.user.expression.copy()
-    expression[:, EXPRESSION_FIELDS.index("smile")] = sum(0.9 * bump(conversation.frames, start * FPS, 70)
-                                                          for start in (3, 8, 13, 18))
-    smiling = dataclasses.replace(conversation, user=dataclasses.replace(conversation.user, expression=expression))
-    user_look = augmented(crop_portrait(load_image(packaged_portraits()["grace_hopper"]),
-                                        model.config.motion.input_size), HELD_OUT_LOOKS[1])
+    conversation, avatar_look, user_look, _, _ = generated
+    smiling = with_user_smile(conversation, sum(0.9 * bump(conversation.frames, start * FPS, 70)
+                                                for start in (3, 8, 13, 18)))
     wider = smile_response(model, smiling, avatar_look, user_look)
     print("avatar's mouth width, smiling user minus still user, per onset:", np.round(wider, 3))
     assert len(wider) == 4
@@ -162,7 +156,7 @@ def test_generate_with_nothing_configured_uses_the_builtin_model(tmp_path, gener
     from avatar_forcing.cli import main
     from avatar_forcing.model.media.video import Mp4Writer, read_video_frames
 
-    conversation, portrait, _, _ = generated
+    conversation, portrait, _, _, _ = generated
     seconds = 4
     image, speech, user = tmp_path / "portrait.png", tmp_path / "speech.wav", tmp_path / "user.mp4"
     framed = np.pad(portrait, ((32, 32), (32, 32), (0, 0)), mode="edge")  # room around the face for the detector

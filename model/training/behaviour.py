@@ -28,6 +28,8 @@ from .landmarks import FaceMesh, face_parameters, head_motion_energy, mouth_open
 from .metrics import lip_sync
 from .rig import FaceRig
 
+SMILE_RISE = 0.01  # mouth width over eye distance that counts as smiling back (a full rig smile adds about 0.2)
+
 
 def generate_for(model: AvatarForcing, conversation: Conversation, avatar_portrait: np.ndarray,
                  user_portrait: np.ndarray, seed: int = 20) -> np.ndarray:
@@ -49,9 +51,6 @@ def face_ssim(a: np.ndarray, b: np.ndarray) -> float:
     box = slice(s // 8, s - s // 8)
     as_tensor = lambda x: torch.from_numpy(np.ascontiguousarray(x[box, box])).permute(2, 0, 1)[None].float() / 255
     return float(ssim(as_tensor(a), as_tensor(b)))
-
-SMILE_RISE = 0.01  # mouth width over eye distance that counts as smiling back (a full rig smile adds about 0.2)
-
 
 @dataclass
 class Behaviour:
@@ -104,23 +103,28 @@ def smile_onsets(conversation: Conversation, frames: int) -> np.ndarray:
     return onsets[(onsets > FPS // 2) & (onsets < frames - FPS)]
 
 
-def without_user_smiles(conversation: Conversation) -> Conversation:
-    """The same conversation with the user's smile track at zero (their speech and other motion unchanged)."""
+def with_user_smile(conversation: Conversation, smile_track: np.ndarray | float) -> Conversation:
+    """The same conversation with the user's smile track replaced ([T] or one value; their speech and other
+    motion unchanged)."""
     expression = conversation.user.expression.copy()
-    expression[:, EXPRESSION_FIELDS.index("smile")] = 0.0
+    expression[:, EXPRESSION_FIELDS.index("smile")] = smile_track
     return dataclasses.replace(conversation, user=dataclasses.replace(conversation.user, expression=expression))
 
 
 def smile_response(model: AvatarForcing, conversation: Conversation, avatar_portrait: np.ndarray,
-                   user_portrait: np.ndarray, seed: int = 20, mesh: FaceMesh | None = None) -> np.ndarray:
+                   user_portrait: np.ndarray, seed: int = 20, frames: np.ndarray | None = None,
+                   mesh: FaceMesh | None = None) -> np.ndarray:
     """Per user smile onset: the avatar's mouth width (over eye distance) in the second after it, generated
-    with the user's smiles minus generated without them ([onsets]; > 0: it smiled back)."""
+    with the user's smiles minus generated without them ([onsets]; > 0: it smiled back). `frames`: the
+    conversation's own generation with this seed where the caller has it already (it is not made again)."""
     mesh = mesh or FaceMesh()
+    if frames is None:
+        frames = generate_for(model, conversation, avatar_portrait, user_portrait, seed)
     widths = []
-    for variant in (conversation, without_user_smiles(conversation)):
-        frames = generate_for(model, variant, avatar_portrait, user_portrait, seed)
+    for generated in (frames, generate_for(model, with_user_smile(conversation, 0.0), avatar_portrait,
+                                           user_portrait, seed)):
         mesh.reset()
-        widths.append(smile(fill_gaps([mesh(f) for f in frames])))
+        widths.append(smile(fill_gaps([mesh(f) for f in generated])))
     onsets = smile_onsets(conversation, len(widths[0]))
     return np.array([widths[0][o:o + FPS].mean() - widths[1][o:o + FPS].mean() for o in onsets])
 
