@@ -30,6 +30,11 @@ class MotionAutoencoderConfig:
     blur_kernel: tuple[int, ...] = (1, 3, 3, 1)
     # The decoder reports the warping grid of this level (the reference hard-codes 64).
     flow_resolution: int = 64
+    # Not in the reference (which is False): every frame gets back the fine detail its decoding of the portrait
+    # misses (the portrait minus that decoding), moved by the frame's warp at `flow_resolution`. A small
+    # decoder (the built-in model's) blurs wrinkles, glasses and hair; with it the first frames are the
+    # portrait itself (docs/training.md §6).
+    portrait_detail: bool = False
 
     def __post_init__(self) -> None:
         size = self.input_size
@@ -38,6 +43,9 @@ class MotionAutoencoderConfig:
         missing = [r for r in self.resolutions() if r not in self.channels]
         if missing:
             raise ValueError(f"channel table has no entry for resolutions {missing}")
+        if self.portrait_detail and self.flow_resolution not in self.resolutions()[1:]:
+            raise ValueError(f"portrait_detail moves the detail by the warp at flow_resolution "
+                             f"{self.flow_resolution}, which a {size} px decoder does not have")
 
     @property
     def log_size(self) -> int:
@@ -231,7 +239,8 @@ def from_golden_dir(folder: str | Path) -> AvatarForcingConfig:
     return from_config_file(path, default_name=str(folder))
 
 
-TRANSFORMER_EXTENSIONS = {"user_residual": bool}
+# Our own options beyond the reference's: name -> (the part of the configuration it belongs to, its JSON type).
+EXTENSIONS = {"user_residual": ("transformer", bool), "portrait_detail": ("motion", bool)}
 
 
 def from_config_file(path: str | Path, default_name: str = "custom") -> AvatarForcingConfig:
@@ -249,14 +258,16 @@ def from_config_file(path: str | Path, default_name: str = "custom") -> AvatarFo
         cfg = replace(cfg, motion=replace(cfg.motion, blur_kernel=blur))
     # Our own architecture options, beyond the reference's (the built-in model's file has them).
     extensions = raw.get("extensions", {})
-    unknown = set(extensions) - set(TRANSFORMER_EXTENSIONS)
+    unknown = set(extensions) - set(EXTENSIONS)
     if unknown:
-        raise ValueError(f"unknown extensions {sorted(unknown)}; known: {list(TRANSFORMER_EXTENSIONS)}")
-    mistyped = [k for k, v in extensions.items() if type(v) is not TRANSFORMER_EXTENSIONS[k]]
+        raise ValueError(f"unknown extensions {sorted(unknown)}; known: {list(EXTENSIONS)}")
+    mistyped = [k for k, v in extensions.items() if type(v) is not EXTENSIONS[k][1]]
     if mistyped:  # bool("false") would be True: take JSON's own types only
-        raise ValueError(f"extensions {mistyped} must be JSON {[TRANSFORMER_EXTENSIONS[k].__name__ for k in mistyped]}")
-    if extensions:
-        cfg = replace(cfg, transformer=replace(cfg.transformer, **extensions))
+        raise ValueError(f"extensions {mistyped} must be JSON {[EXTENSIONS[k][1].__name__ for k in mistyped]}")
+    for part in ("transformer", "motion"):
+        mine = {k: v for k, v in extensions.items() if EXTENSIONS[k][0] == part}
+        if mine:
+            cfg = replace(cfg, **{part: replace(getattr(cfg, part), **mine)})
     # The sampling settings the reference run recorded take precedence over the option defaults.
     used = raw.get("sampling_used_for_case_sample", {})
     recorded = {k: type(getattr(cfg.sampler, k))(used[k]) for k in ("nfe", "a_cfg_scale", "u_cfg_scale") if k in used}

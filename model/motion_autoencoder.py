@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from avatar_forcing.kernels.warp import WARP
@@ -150,6 +151,10 @@ class PortraitCode(NamedTuple):
     s_r: torch.Tensor  # [1, style_dim]
     feats: list[torch.Tensor]  # decoder-order feature maps, 8x8 first, batch 1
     r_s: torch.Tensor  # [1, style_dim] reference motion (the transformer's r_s)
+    # With `portrait_detail`: the portrait minus the decoding of its own motion [1, 3, S, S], and that
+    # decoding's warp grid [1, R, R, 2] (R: flow_resolution).
+    detail: torch.Tensor | None = None
+    detail_grid: torch.Tensor | None = None
 
 
 class DecodedFrames(NamedTuple):
@@ -208,11 +213,14 @@ class MotionAutoencoder(nn.Module):
     """LIA-style auto-encoder: a face image -> appearance code, feature maps and motion latent; appearance
     code + motion latent -> a frame, by flow-warping the portrait's feature maps (MODEL_SPEC §2.1)."""
 
+    full_grid: torch.Tensor  # registered buffer: the identity sampling grid at the frame size
+
     def __init__(self, cfg: MotionAutoencoderConfig):
         super().__init__()
         self.config = cfg
         self.enc = MotionEncoder(cfg)
         self.dec = Synthesis(cfg)
+        self.register_buffer("full_grid", identity_grid(cfg.input_size), persistent=False)
 
     def encode_appearance(self, image: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Image in [-1, 1] -> (s_r [B, style_dim], feature maps)."""
@@ -230,15 +238,39 @@ class MotionAutoencoder(nn.Module):
     def encode_portrait(self, image: torch.Tensor) -> PortraitCode:
         """One portrait [1,3,S,S] in [-1, 1] -> its code."""
         s_r, feats = self.encode_appearance(image)
-        return PortraitCode(s_r, feats, self.motion_of_code(s_r))
+        r_s = self.motion_of_code(s_r)
+        if not self.config.portrait_detail:
+            return PortraitCode(s_r, feats, r_s)
+        own = self.dec(s_r + r_s, feats)
+        return PortraitCode(s_r, feats, r_s, (image - own.image).float(), own.flow)
 
     def decode(self, latent: torch.Tensor, feats: list[torch.Tensor]) -> DecodedFrames:
         return self.dec(latent, feats)
 
+    def with_detail(self, frames: DecodedFrames, detail: torch.Tensor, detail_grid: torch.Tensor) -> torch.Tensor:
+        """Raw frames [N, 3, S, S] plus their portraits' detail [N, 3, S, S], each moved by how far the frame's
+        warp differs from the warp that decoded the portrait itself ([N, R, R, 2] both): where the face moved,
+        its detail moves with it; the portrait's own motion gets the portrait back exactly."""
+        if frames.flow is None:
+            raise ValueError("portrait_detail needs the decoder's warp grid at flow_resolution")
+        shift = (frames.flow.float() - detail_grid.float()).permute(0, 3, 1, 2)
+        size = self.config.input_size
+        shift = F.interpolate(shift, size=(size, size), mode="bilinear", align_corners=True).permute(0, 2, 3, 1)
+        with torch.autocast(shift.device.type, enabled=False):
+            moved = F.grid_sample(detail, self.full_grid.float() + shift, mode="bilinear", padding_mode="border",
+                                  align_corners=True)
+        return frames.image + moved.to(frames.image.dtype)
+
+    def _decode_one(self, portrait: PortraitCode, r_d: torch.Tensor) -> torch.Tensor:
+        out = self.dec(portrait.s_r + r_d, portrait.feats)
+        if portrait.detail is None or portrait.detail_grid is None:
+            return out.image
+        n = r_d.shape[0]
+        return self.with_detail(out, portrait.detail.expand(n, -1, -1, -1), portrait.detail_grid.expand(n, -1, -1, -1))
+
     def decode_frames(self, portrait: PortraitCode, r_d: torch.Tensor, chunk: int = 10) -> torch.Tensor:
         """Motion latents r_d [N, style_dim] of one portrait -> raw frames [N, 3, S, S], `chunk` at a time."""
-        pieces = [self.dec(portrait.s_r + r_d[i:i + chunk], portrait.feats).image
-                  for i in range(0, r_d.shape[0], chunk)]
+        pieces = [self._decode_one(portrait, r_d[i:i + chunk]) for i in range(0, r_d.shape[0], chunk)]
         return torch.cat(pieces)
 
     def decode_batch(self, portraits: list[PortraitCode], r_d: torch.Tensor, chunk: int = 10) -> torch.Tensor:
@@ -256,5 +288,11 @@ class MotionAutoencoder(nn.Module):
             s_r = torch.cat([q.s_r for q in group]).repeat_interleave(f, 0)
             feats = group[0].feats if len(group) == 1 else [  # (a cat of one tensor would still copy it)
                 torch.cat([q.feats[level] for q in group]) for level in range(len(group[0].feats))]
-            pieces.append(self.dec(s_r + r_d[i:i + per_call].flatten(0, 1), feats).image)
+            out = self.dec(s_r + r_d[i:i + per_call].flatten(0, 1), feats)
+            if all(q.detail is not None and q.detail_grid is not None for q in group):
+                detail = torch.cat([q.detail for q in group]).repeat_interleave(f, 0)  # type: ignore[misc]
+                grid = torch.cat([q.detail_grid for q in group]).repeat_interleave(f, 0)  # type: ignore[misc]
+                pieces.append(self.with_detail(out, detail, grid))
+            else:
+                pieces.append(out.image)
         return torch.cat(pieces).unflatten(0, (p, f))
