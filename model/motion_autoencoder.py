@@ -213,14 +213,11 @@ class MotionAutoencoder(nn.Module):
     """LIA-style auto-encoder: a face image -> appearance code, feature maps and motion latent; appearance
     code + motion latent -> a frame, by flow-warping the portrait's feature maps (MODEL_SPEC §2.1)."""
 
-    full_grid: torch.Tensor  # registered buffer: the identity sampling grid at the frame size
-
     def __init__(self, cfg: MotionAutoencoderConfig):
         super().__init__()
         self.config = cfg
         self.enc = MotionEncoder(cfg)
         self.dec = Synthesis(cfg)
-        self.register_buffer("full_grid", identity_grid(cfg.input_size), persistent=False)
 
     def encode_appearance(self, image: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Image in [-1, 1] -> (s_r [B, style_dim], feature maps)."""
@@ -256,21 +253,30 @@ class MotionAutoencoder(nn.Module):
         shift = (frames.flow.float() - detail_grid.float()).permute(0, 3, 1, 2)
         size = self.config.input_size
         shift = F.interpolate(shift, size=(size, size), mode="bilinear", align_corners=True).permute(0, 2, 3, 1)
+        finest = self.dec.to_flows[-1]
+        assert isinstance(finest, ToFlow)
+        identity = finest.grid.float()  # the finest level's identity grid: the frame size
         with torch.autocast(shift.device.type, enabled=False):
-            moved = F.grid_sample(detail, self.full_grid.float() + shift, mode="bilinear", padding_mode="border",
+            moved = F.grid_sample(detail, identity + shift, mode="bilinear", padding_mode="border",
                                   align_corners=True)
         return frames.image + moved.to(frames.image.dtype)
 
-    def _decode_one(self, portrait: PortraitCode, r_d: torch.Tensor) -> torch.Tensor:
-        out = self.dec(portrait.s_r + r_d, portrait.feats)
-        if portrait.detail is None or portrait.detail_grid is None:
+    def _images(self, out: DecodedFrames, portraits: list[PortraitCode], frames_each: int) -> torch.Tensor:
+        """The decoder's frames of these portraits (`frames_each` consecutive frames per portrait), with their
+        detail where the portraits carry it."""
+        details = [q.detail for q in portraits]
+        grids = [q.detail_grid for q in portraits]
+        if any(d is None for d in details) or any(g is None for g in grids):
             return out.image
-        n = r_d.shape[0]
-        return self.with_detail(out, portrait.detail.expand(n, -1, -1, -1), portrait.detail_grid.expand(n, -1, -1, -1))
+        return self.with_detail(out, torch.cat(details).repeat_interleave(frames_each, 0),  # type: ignore[arg-type]
+                                torch.cat(grids).repeat_interleave(frames_each, 0))  # type: ignore[arg-type]
 
     def decode_frames(self, portrait: PortraitCode, r_d: torch.Tensor, chunk: int = 10) -> torch.Tensor:
         """Motion latents r_d [N, style_dim] of one portrait -> raw frames [N, 3, S, S], `chunk` at a time."""
-        pieces = [self._decode_one(portrait, r_d[i:i + chunk]) for i in range(0, r_d.shape[0], chunk)]
+        pieces = []
+        for i in range(0, r_d.shape[0], chunk):
+            latents = r_d[i:i + chunk]
+            pieces.append(self._images(self.dec(portrait.s_r + latents, portrait.feats), [portrait], len(latents)))
         return torch.cat(pieces)
 
     def decode_batch(self, portraits: list[PortraitCode], r_d: torch.Tensor, chunk: int = 10) -> torch.Tensor:
@@ -288,11 +294,5 @@ class MotionAutoencoder(nn.Module):
             s_r = torch.cat([q.s_r for q in group]).repeat_interleave(f, 0)
             feats = group[0].feats if len(group) == 1 else [  # (a cat of one tensor would still copy it)
                 torch.cat([q.feats[level] for q in group]) for level in range(len(group[0].feats))]
-            out = self.dec(s_r + r_d[i:i + per_call].flatten(0, 1), feats)
-            if all(q.detail is not None and q.detail_grid is not None for q in group):
-                detail = torch.cat([q.detail for q in group]).repeat_interleave(f, 0)  # type: ignore[misc]
-                grid = torch.cat([q.detail_grid for q in group]).repeat_interleave(f, 0)  # type: ignore[misc]
-                pieces.append(self.with_detail(out, detail, grid))
-            else:
-                pieces.append(out.image)
+            pieces.append(self._images(self.dec(s_r + r_d[i:i + per_call].flatten(0, 1), feats), group, f))
         return torch.cat(pieces).unflatten(0, (p, f))
