@@ -210,6 +210,9 @@ def add_autoencoder_command(kinds) -> None:
     k.add_argument("--gradient-weight", type=float, default=0.5)
     k.add_argument("--moving-weight", type=float, default=0.0,
                    help="L1 where source and driving differ (teaches motion early; docs/training.md §0b)")
+    k.add_argument("--mouth-weight", type=float, default=0.0,
+                   help="with --rig-looks: L1 inside the mouth region, where a smile's few pixels are "
+                        "(docs/training.md §6)")
     k.add_argument("--perceptual", type=Path, default=None,
                    help="a local TorchScript perceptual network (images in [-1,1] -> features); none by default")
     k.add_argument("--perceptual-weight", type=float, default=1.0)
@@ -300,6 +303,8 @@ def run_train_autoencoder(args: argparse.Namespace) -> int:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if bool(args.videos) == bool(args.rig_looks):
         raise UserError("give either --videos or --rig-looks")
+    if args.mouth_weight and not args.rig_looks:
+        raise UserError("--mouth-weight needs --rig-looks: only rig-rendered pairs know where the mouth is")
     files = video_files(args.videos) if args.videos else []
     if args.until is not None and (done := saved_step(args.out)) >= args.until:
         log.info("%s is at step %d already (--until %d): nothing to do", args.out, done, args.until)
@@ -326,6 +331,7 @@ def run_train_autoencoder(args: argparse.Namespace) -> int:
             raise UserError(str(exc)) from exc
     weights = ReconstructionWeights(ssim=args.ssim_weight, gradient=args.gradient_weight,
                                     perceptual=args.perceptual_weight, moving=args.moving_weight,
+                                    mouth=args.mouth_weight,
                                     code=args.code_weight, teacher=args.teacher,
                                     code_fields=code_field_weights(args.code_field_weight))
     lr_scales = {prefix: args.finest_lr_scale for prefix in finest_level(model.motion_autoencoder)}

@@ -300,6 +300,41 @@ def test_code_field_weights_weigh_each_expression_field_in_the_code_term():
         code_term((1.0, 2.0))
 
 
+def test_mouth_term_sees_only_the_mouth_region_and_needs_rig_pairs(tmp_path):
+    """The mouth term is the mean error inside each pair's region: an error outside costs nothing, the same
+    error inside costs its size whatever the region's area; an empty region costs zero, and a batch without
+    regions (video pairs) has no mouth term at all. `--mouth-weight` with video pairs is refused."""
+    from avatar_forcing.model.training.autoencoder import (
+        PairBatch,
+        ReconstructionObjective,
+        ReconstructionWeights,
+        region_l1,
+    )
+
+    target = torch.zeros(3, 3, 16, 16)
+    region = torch.zeros(3, 1, 16, 16)
+    region[0, :, 4:8, 4:8] = 1  # small region
+    region[1, :, 2:14, 2:14] = 1  # large region
+    recon = target.clone()
+    recon[:2, :, 4:8, 4:8] = 0.5  # wrong inside both regions
+    recon[:, :, 14:, 14:] = 1.0  # wrong outside every region
+    assert region_l1(recon, target, region).tolist() == pytest.approx([0.5, 0.5 * 16 / 144, 0.0])
+
+    objective = ReconstructionObjective(ReconstructionWeights(mouth=2.0))
+    copy = lambda source, driving: recon
+    with_region = objective.loss(copy, PairBatch(target, target, torch.arange(3), mouth=region), step=0)[1]
+    without = objective.loss(copy, PairBatch(target, target, torch.arange(3)), step=0)[1]
+    assert with_region["mouth"] == pytest.approx((0.5 + 0.5 * 16 / 144) / 3)
+    assert "mouth" not in without
+    assert with_region["loss"] == pytest.approx(without["loss"] + 2 * with_region["mouth"])
+
+    from avatar_forcing.cli import main
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(b"")
+    assert main(["train", "autoencoder", "--videos", str(clip), "--out", str(tmp_path / "out"),
+                 "--mouth-weight", "1"]) == 2
+
+
 def test_code_field_weight_option_names_fields_and_rejects_bad_ones():
     from avatar_forcing.errors import UserError
     from avatar_forcing.model.training.rig_pairs import CODE_FIELDS

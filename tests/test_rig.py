@@ -12,7 +12,9 @@ from golden_data import MEDIA_DIR
 
 from avatar_forcing.model.media.image import load_image
 from avatar_forcing.model.training.landmarks import FaceMesh, face_parameters, mouth_opening, normalised, smile
-from avatar_forcing.model.training.rig import Expression, FaceRig
+from avatar_forcing.model.training.rig import LOWER_LIP, MOUTH_CORNERS, UPPER_LIP, Expression, FaceRig
+
+LIPS = LOWER_LIP + UPPER_LIP + MOUTH_CORNERS
 
 
 def grace_hopper() -> Path:
@@ -120,6 +122,9 @@ def test_rig_pairs_render_the_expression_they_report():
     assert np.array_equal(part.driving.numpy(), whole.driving[2:5].numpy())
     assert np.array_equal(part.driving_code.numpy(), whole.driving_code[2:5].numpy())
     assert not np.array_equal(pairs.batch(6, 6, 0, 6).driving.numpy(), whole.driving.numpy())
+    # Each pair's mouth region: where the lips are on either frame, as the face mesh finds them.
+    assert whole.mouth.shape == (6, 1, 128, 128) and set(whole.mouth.unique().tolist()) <= {0, 1}
+    assert np.array_equal(part.mouth.numpy(), whole.mouth[2:5].numpy())
     # The code is the rendering's: jaw opening measured on the frames follows the jaw code.
     mesh = FaceMesh()
     batch = pairs.batch(0, 16, 0, 16)
@@ -129,3 +134,24 @@ def test_rig_pairs_render_the_expression_they_report():
         mesh.reset()
         opening.append(float(mouth_opening(mesh(np.ascontiguousarray(frame)))))
     assert np.corrcoef(jaw, opening)[0, 1] > 0.7, list(zip(jaw.round(2), np.round(opening, 3), strict=True))
+    for frame, region in zip(batch.driving.permute(0, 2, 3, 1).numpy(), batch.mouth[:, 0].numpy(), strict=True):
+        mesh.reset()
+        lips = mesh(np.ascontiguousarray(frame))[LIPS, :2].round().astype(int)
+        assert region[lips[:, 1], lips[:, 0]].all()
+        assert 0.01 < region.mean() < 0.25  # the mouth and cheeks, not the face
+
+
+def test_mouth_region_follows_the_mouth():
+    """The box around the lips widens with a smile, drops with an open jaw, and moves with the head."""
+    rig = FaceRig(load_image(grace_hopper()))
+
+    def box(e: Expression) -> tuple[int, int, int, int]:
+        ys, xs = np.nonzero(rig.mouth_region(e))
+        return xs.min(), ys.min(), xs.max(), ys.max()
+
+    still = box(Expression())
+    smiling, open_jaw, turned = box(Expression(smile=1.0)), box(Expression(jaw=1.0)), box(Expression(yaw=15))
+    assert smiling[2] - smiling[0] > still[2] - still[0] + 0.1 * rig.iod
+    assert open_jaw[3] > still[3] + 0.2 * rig.iod
+    assert turned[0] != still[0] and turned[2] != still[2]
+    assert not rig.mouth_region(Expression())[:, : still[0]].any()

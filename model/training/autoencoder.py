@@ -10,6 +10,8 @@ Loss (all on images in [-1, 1]):
   + w_ssim   (1 - SSIM(recon, driving))            structure, 11x11 Gaussian window, on [0, 1] images
   + w_grad   multi-scale L1 of image gradients      edges at full, 1/2 and 1/4 resolution
   + w_percep L1 of a perceptual network's features  only when a network is given (a local TorchScript file)
+  + w_moving L1 where source and driving differ       (`moving_l1`)
+  + w_mouth  L1 inside the mouth region               rig-rendered pairs only (`region_l1`, `PairBatch.mouth`)
 LIA's adversarial term is left out: it needs a discriminator trained alongside, and the released weights
 are a better start for fine-tuning than anything a GAN on a few clips would give.
 
@@ -134,11 +136,14 @@ class PairBatch:
     keys: torch.Tensor
     # The driving frames' known motion when a rig rendered them ([B, K], rig_pairs.CODE_FIELDS), else None.
     driving_code: torch.Tensor | None = None
+    # Where the mouth is on either frame when a rig rendered them ([B, 1, S, S] in {0, 1}), else None.
+    mouth: torch.Tensor | None = None
 
     def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> PairBatch:
         scale = lambda x: x.to(device, dtype) / 127.5 - 1 if x.dtype == torch.uint8 else x.to(device, dtype)
         code = None if self.driving_code is None else self.driving_code.to(device, dtype)
-        return PairBatch(scale(self.source), scale(self.driving), self.keys, code)
+        mouth = None if self.mouth is None else self.mouth.to(device, dtype)
+        return PairBatch(scale(self.source), scale(self.driving), self.keys, code, mouth)
 
     @property
     def size(self) -> int:
@@ -257,6 +262,16 @@ def moving_l1(recon: torch.Tensor, target: torch.Tensor, source: torch.Tensor) -
     return (weight * error).flatten(1).sum(1) / weight.flatten(1).sum(1).clamp_min(1e-6)
 
 
+def region_l1(recon: torch.Tensor, target: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """[B] mean L1 of recon vs target inside `region` [B, 1, S, S] (0 where a pair's region is empty).
+
+    A smile moves the mouth corners by a few pixels at 128 px: next to a head turn's whole-face motion that
+    is little even in the `moving` term, and a decoder trained on both renders about half of the smile
+    (docs/training.md §6). This term is the error on the mouth alone."""
+    error = (recon - target).abs().mean(1, keepdim=True)
+    return (region * error).flatten(1).sum(1) / region.flatten(1).sum(1).clamp_min(1.0)
+
+
 @dataclass(frozen=True)
 class ReconstructionWeights:
     l1: float = 1.0
@@ -264,6 +279,7 @@ class ReconstructionWeights:
     gradient: float = 0.5
     perceptual: float = 1.0  # used only with a perceptual network
     moving: float = 0.0  # L1 where source and driving differ (see `moving_l1`)
+    mouth: float = 0.0  # rig-rendered pairs: L1 inside the mouth region (see `region_l1`)
     code: float = 0.0  # rig-rendered pairs: the first motion magnitudes regress the known expression
     teacher: float = 0.0  # rig-rendered pairs: share of pairs whose decoder gets the known expression
     # Rig-rendered pairs: a weight per code field (rig_pairs.CODE_FIELDS order) inside the code term; empty =
@@ -278,9 +294,10 @@ class ReconstructionObjective:
         self.w = weights
         self.perceptual = perceptual
 
-    def parts(self, recon: torch.Tensor, target: torch.Tensor,
-              source: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """[B] per-pair terms of images in [-1, 1] (`source` is needed for the `moving` term)."""
+    def parts(self, recon: torch.Tensor, target: torch.Tensor, source: torch.Tensor | None = None,
+              mouth: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """[B] per-pair terms of images in [-1, 1] (`source` is needed for the `moving` term, `mouth` for
+        the `mouth` term)."""
         recon, target = recon.float(), target.float()
         out = {"l1": (recon - target).abs().flatten(1).mean(1),
                "ssim": 1 - ssim((recon.clamp(-1, 1) + 1) / 2, (target + 1) / 2),
@@ -289,6 +306,8 @@ class ReconstructionObjective:
             out["perceptual"] = perceptual_loss(self.perceptual, recon, target)
         if self.w.moving and source is not None:
             out["moving"] = moving_l1(recon, target, source.float())
+        if self.w.mouth and mouth is not None:
+            out["mouth"] = region_l1(recon, target, mouth.float())
         return out
 
     def loss(self, net: nn.Module, batch: PairBatch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
@@ -297,14 +316,14 @@ class ReconstructionObjective:
             forced = ((batch.keys * 2_654_435_761 + step) % 1000 < int(self.w.teacher * 1000)).to(batch.source.device)
             recon, magnitudes = net(batch.source, batch.driving, with_magnitudes=True, known=batch.driving_code,
                                     forced=forced)
-            parts = self.parts(recon, batch.driving, batch.source)
+            parts = self.parts(recon, batch.driving, batch.source, batch.mouth)
             known = batch.driving_code.float()
             per_field = known.new_tensor(self.w.code_fields or (1.0,) * known.shape[1])
             if per_field.shape[0] != known.shape[1]:
                 raise ValueError(f"{per_field.shape[0]} code field weights for {known.shape[1]} code fields")
             parts["code"] = (per_field * (magnitudes[:, :known.shape[1]].float() - known) ** 2).sum(1) / per_field.sum()
         else:
-            parts = self.parts(net(batch.source, batch.driving), batch.driving, batch.source)
+            parts = self.parts(net(batch.source, batch.driving), batch.driving, batch.source, batch.mouth)
         total = sum(getattr(self.w, name) * value.mean() for name, value in parts.items())
         assert isinstance(total, torch.Tensor)
         metrics = {name: float(value.mean().detach()) for name, value in parts.items()}

@@ -138,6 +138,16 @@ class FaceRig:
             p = (p - self.centre) @ _rotation(e.yaw, e.pitch, e.roll).T + self.centre
         return p
 
+    def mouth_region(self, e: Expression, margin: float = 0.15) -> np.ndarray:
+        """bool [H, W]: the box around the lips of the face making expression e, widened by `margin` eye
+        distances on every side (the cheeks a smile pulls)."""
+        lips = self.landmarks(e)[LOWER_LIP + UPPER_LIP + MOUTH_CORNERS, :2]
+        h, w = self.portrait.shape[:2]
+        (x0, y0), (x1, y1) = lips.min(0) - margin * self.iod, lips.max(0) + margin * self.iod
+        region = np.zeros((h, w), bool)
+        region[max(int(y0), 0):max(int(np.ceil(y1)) + 1, 0), max(int(x0), 0):max(int(np.ceil(x1)) + 1, 0)] = True
+        return region
+
     # -- rendering ---------------------------------------------------------------------------------------------
 
     def render(self, e: Expression) -> np.ndarray:

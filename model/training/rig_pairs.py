@@ -62,12 +62,14 @@ class RigPairs:
     def __len__(self) -> int:
         return len(self.rigs)
 
-    def pair(self, step: int, key: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def pair(self, step: int, key: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(source frame, driving frame, the driving expression's code, where the mouth is on either frame)."""
         gen = window_generator(self.seed, step, key)
         rig = self.rigs[int(torch.randint(0, len(self.rigs), (1,), generator=gen))]
         rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=gen)))
         source, driving = random_expression(rng), random_expression(rng)
-        return rig.render(source), rig.render(driving), expression_code(driving)
+        mouth = rig.mouth_region(source) | rig.mouth_region(driving)
+        return rig.render(source), rig.render(driving), expression_code(driving), mouth
 
     def batch(self, step: int, global_batch: int, first: int, count: int) -> PairBatch:
         if first < 0 or first + count > global_batch:
@@ -76,4 +78,5 @@ class RigPairs:
         as_chw = lambda frames: torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).contiguous()
         return PairBatch(as_chw([p[0] for p in picks]), as_chw([p[1] for p in picks]),
                          torch.arange(first, first + count, dtype=torch.int64),
-                         torch.from_numpy(np.stack([p[2] for p in picks])))
+                         torch.from_numpy(np.stack([p[2] for p in picks])),
+                         torch.from_numpy(np.stack([p[3] for p in picks]))[:, None].to(torch.uint8))
