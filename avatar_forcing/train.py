@@ -25,6 +25,7 @@ def add_train_command(subparsers) -> None:
     kinds = p.add_subparsers(dest="kind", required=True, metavar="KIND")
     add_autoencoder_command(kinds)
     add_scale_latents_command(kinds)
+    add_canonical_code_command(kinds)
     for kind, text in (("transformer", "diffusion-forcing flow matching"), ("dpo", "label-free Diffusion-DPO")):
         k = kinds.add_parser(kind, help=text)
         k.add_argument("--data", required=True, type=Path, help="shard folder (index.json)")
@@ -64,6 +65,7 @@ def run_train(args: argparse.Namespace) -> int:
     import torch
 
     from avatar_forcing.model.avatar_forcing import build_model
+    from avatar_forcing.model.canonical import EXTENSION_BUFFERS
     from avatar_forcing.model.config import config_from_name
     from avatar_forcing.model.device import pick_device
     from avatar_forcing.model.dual_motion_encoder import EXTENSION_LAYERS
@@ -81,7 +83,7 @@ def run_train(args: argparse.Namespace) -> int:
     if device.type == "cuda" and dist_info.active:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     model = (build_model(cfg, device) if args.weights == "none"
-             else load_model(cfg, args.weights, device=device, start_fresh=EXTENSION_LAYERS))
+             else load_model(cfg, args.weights, device=device, start_fresh=EXTENSION_LAYERS + EXTENSION_BUFFERS))
     try:
         clips = load_shards(args.data)
     except (FileNotFoundError, ValueError) as exc:
@@ -124,22 +126,28 @@ def run_train(args: argparse.Namespace) -> int:
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
 
 
-def rig_pairs(looks: int, size: int, seed: int):
-    """`RigPairs` over `looks` looks of the packaged portrait: the looks `data conversations` gives seeds 1, 2, ...
-    (eight per seed), so the auto-encoder and the conversations see the same faces."""
-    from avatar_forcing.errors import NoFaceError
+def training_looks(looks: int, size: int) -> list:
+    """`looks` S x S looks of the packaged portrait: the looks `data conversations` gives seeds 1, 2, ... (eight
+    per seed), so the auto-encoder, its canonical code and the conversations see the same faces."""
     from avatar_forcing.model.media.face import crop_portrait
     from avatar_forcing.model.media.image import load_image
     from avatar_forcing.model.training.conversations import augmented, packaged_portraits
-    from avatar_forcing.model.training.rig import FaceRig
-    from avatar_forcing.model.training.rig_pairs import RigPairs
 
     portraits = packaged_portraits()
     if not portraits:
         raise UserError("--rig-looks needs matplotlib's sample portrait (`make install-train`)")
     face = crop_portrait(load_image(next(iter(portraits.values()))), size)
+    return [augmented(face, 1000 * (1 + i // 8) + i % 8) for i in range(looks)]
+
+
+def rig_pairs(looks: int, size: int, seed: int):
+    """`RigPairs` over `training_looks`."""
+    from avatar_forcing.errors import NoFaceError
+    from avatar_forcing.model.training.rig import FaceRig
+    from avatar_forcing.model.training.rig_pairs import RigPairs
+
     try:
-        rigs = [FaceRig(augmented(face, 1000 * (1 + i // 8) + i % 8)) for i in range(looks)]
+        rigs = [FaceRig(look) for look in training_looks(looks, size)]
     except NoFaceError as exc:
         raise UserError(f"a look of the sample portrait has no face for the rig: {exc}") from None
     return RigPairs(rigs, seed=seed)
@@ -244,6 +252,7 @@ def add_scale_latents_command(kinds) -> None:
 
 
 def run_scale_latents(args: argparse.Namespace) -> int:
+    from avatar_forcing.model.canonical import EXTENSION_BUFFERS
     from avatar_forcing.model.config import config_from_name
     from avatar_forcing.model.dual_motion_encoder import EXTENSION_LAYERS
     from avatar_forcing.model.training.autoencoder import scale_motion_latents
@@ -254,11 +263,62 @@ def run_scale_latents(args: argparse.Namespace) -> int:
         raise UserError(f"--factor must be positive, not {args.factor}")
     if args.out.suffix != ".safetensors":
         raise UserError(f"--out must name a .safetensors file, not {args.out}")
-    model = load_model(config_from_name(args.config), args.weights, start_fresh=EXTENSION_LAYERS)
+    model = load_model(config_from_name(args.config), args.weights, start_fresh=EXTENSION_LAYERS + EXTENSION_BUFFERS)
     scale_motion_latents(model.motion_autoencoder, args.factor)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_safetensors(model.state_dict(), args.out, source=f"{args.weights}, motion latents x{args.factor:g}")
     print(f"{args.out}: motion latents x{args.factor:g}, frames unchanged")
+    return 0
+
+
+def add_canonical_code_command(kinds) -> None:
+    k = kinds.add_parser("canonical-code",
+                         help="set a model's canonical code (the `canonical_code` extension) to the mean code of "
+                              "its training faces")
+    k.add_argument("--weights", required=True, help="the model (a .safetensors file or folder)")
+    k.add_argument("--config", default="official", help="a configuration with the canonical_code extension")
+    faces = k.add_mutually_exclusive_group(required=True)
+    faces.add_argument("--rig-looks", type=int, default=0,
+                       help="the first N looks of the packaged portrait (those `train autoencoder --rig-looks` "
+                            "trained on)")
+    faces.add_argument("--portraits", type=Path, nargs="+", default=[],
+                       help="face images (cropped to the face as a served portrait is)")
+    k.add_argument("--out", required=True, type=Path, help="the model's .safetensors file, its code set")
+    k.set_defaults(func=run_canonical_code)
+
+
+def run_canonical_code(args: argparse.Namespace) -> int:
+    import torch
+
+    from avatar_forcing.model.canonical import EXTENSION_BUFFERS
+    from avatar_forcing.model.config import config_from_name
+    from avatar_forcing.model.dual_motion_encoder import EXTENSION_LAYERS
+    from avatar_forcing.model.media.face import crop_portrait
+    from avatar_forcing.model.media.image import load_image, to_model_input
+    from avatar_forcing.weights.convert import save_safetensors
+    from avatar_forcing.weights.loading import load_model
+
+    if args.out.suffix != ".safetensors":
+        raise UserError(f"--out must name a .safetensors file, not {args.out}")
+    cfg = config_from_name(args.config)
+    if not cfg.motion.canonical_code:
+        raise UserError(f"--config {args.config} has no canonical_code extension: its models animate every "
+                        "portrait in its own code, so there is nothing to set")
+    if args.rig_looks < 0:
+        raise UserError(f"--rig-looks must be positive, not {args.rig_looks}")
+    model = load_model(cfg, args.weights, start_fresh=EXTENSION_LAYERS + EXTENSION_BUFFERS)
+    mae = model.motion_autoencoder
+    assert mae.canonical is not None
+    size = cfg.motion.input_size
+    faces = (training_looks(args.rig_looks, size) if args.rig_looks
+             else [crop_portrait(load_image(path), size) for path in args.portraits])
+    with torch.inference_mode():
+        codes = [mae.encode_portrait(to_model_input(face)) for face in faces]
+        mae.canonical.set_from(torch.cat([c.s_r for c in codes]), torch.cat([c.r_s for c in codes]))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    save_safetensors(model.state_dict(), args.out, source=f"{args.weights}, canonical code of {len(faces)} faces")
+    print(f"{args.out}: canonical code set from {len(faces)} faces (appearance norm "
+          f"{float(mae.canonical.appearance.norm()):.2f}, motion norm {float(mae.canonical.motion.norm()):.2f})")
     return 0
 
 
@@ -282,6 +342,7 @@ def run_train_autoencoder(args: argparse.Namespace) -> int:
 
     from avatar_forcing.errors import MediaError
     from avatar_forcing.model.avatar_forcing import build_model
+    from avatar_forcing.model.canonical import EXTENSION_BUFFERS
     from avatar_forcing.model.config import config_from_name
     from avatar_forcing.model.device import pick_device
     from avatar_forcing.model.dual_motion_encoder import EXTENSION_LAYERS
@@ -314,7 +375,7 @@ def run_train_autoencoder(args: argparse.Namespace) -> int:
         model = build_model(cfg, device)
         start_with_still_warps(model.motion_autoencoder)
     else:
-        model = load_model(cfg, args.weights, device=device, start_fresh=EXTENSION_LAYERS)
+        model = load_model(cfg, args.weights, device=device, start_fresh=EXTENSION_LAYERS + EXTENSION_BUFFERS)
     size = model.config.motion.input_size
     clips = []
     for path in tqdm(files, desc="face crops", unit="clip", disable=args.no_progress or not dist_info.main):

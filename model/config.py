@@ -35,6 +35,15 @@ class MotionAutoencoderConfig:
     # decoder (the built-in model's) blurs wrinkles, glasses and hair; with it the first frames are the
     # portrait itself (docs/training.md §6).
     portrait_detail: bool = False
+    # Not in the reference (which is False): every portrait is animated in the training faces' code (their mean
+    # appearance code and motion code, buffers set by `avatar-forcing train canonical-code`), so the decoder's
+    # style and warps and the transformer's reference motion stay where they were trained, and the portrait
+    # brings only its feature maps and, through `portrait_detail`, itself. Made for a model trained on few
+    # faces (the built-in one), whose codes of an unseen face are far from anything it learnt from.
+    canonical_code: bool = False
+    # With canonical_code: the user's webcam codes are taken relative to the user's own running mean and added
+    # to the canonical motion (canonical.py), rather than used as they are.
+    relative_user_motion: bool = False
 
     def __post_init__(self) -> None:
         size = self.input_size
@@ -46,6 +55,12 @@ class MotionAutoencoderConfig:
         if self.portrait_detail and self.flow_resolution not in self.resolutions()[1:]:
             raise ValueError(f"portrait_detail moves the detail by the warp at flow_resolution "
                              f"{self.flow_resolution}, which a {size} px decoder does not have")
+        if self.canonical_code and not self.portrait_detail:
+            raise ValueError("canonical_code needs portrait_detail: without the portrait's own detail every "
+                             "portrait would be drawn in the training faces' appearance")
+        if self.relative_user_motion and not self.canonical_code:
+            raise ValueError("relative_user_motion needs canonical_code: the user's motion is added to the "
+                             "canonical motion code")
 
     @property
     def log_size(self) -> int:
@@ -240,7 +255,8 @@ def from_golden_dir(folder: str | Path) -> AvatarForcingConfig:
 
 
 # Our own options beyond the reference's: name -> (the part of the configuration it belongs to, its JSON type).
-EXTENSIONS = {"user_residual": ("transformer", bool), "portrait_detail": ("motion", bool)}
+EXTENSIONS = {"user_residual": ("transformer", bool), "portrait_detail": ("motion", bool),
+              "canonical_code": ("motion", bool), "relative_user_motion": ("motion", bool)}
 
 
 def from_config_file(path: str | Path, default_name: str = "custom") -> AvatarForcingConfig:

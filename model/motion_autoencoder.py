@@ -16,6 +16,7 @@ from torch import nn
 
 from avatar_forcing.kernels.warp import WARP
 
+from .canonical import USER_REFERENCE_SECONDS, CanonicalCode, UserReference
 from .config import MotionAutoencoderConfig
 from .stylegan_ops import ConvLayer, EqualConv2d, EqualLinear, ModulatedConv2d, ResBlock, StyledConv, Upsample
 
@@ -218,6 +219,7 @@ class MotionAutoencoder(nn.Module):
         self.config = cfg
         self.enc = MotionEncoder(cfg)
         self.dec = Synthesis(cfg)
+        self.canonical = CanonicalCode(cfg.style_dim) if cfg.canonical_code else None
 
     def encode_appearance(self, image: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Image in [-1, 1] -> (s_r [B, style_dim], feature maps)."""
@@ -240,6 +242,26 @@ class MotionAutoencoder(nn.Module):
             return PortraitCode(s_r, feats, r_s)
         own = self.dec(s_r + r_s, feats)
         return PortraitCode(s_r, feats, r_s, (image - own.image).float(), own.flow)
+
+    def animation_code(self, image: torch.Tensor) -> PortraitCode:
+        """One portrait [1,3,S,S] in [-1, 1] -> the code it is animated with: its own (`encode_portrait`), or
+        with `canonical_code` the training faces' codes around its own feature maps and detail (canonical.py)."""
+        if self.canonical is None:
+            return self.encode_portrait(image)
+        self.canonical.require_set()
+        _, feats = self.encode_appearance(image)
+        s_r = self.canonical.appearance.to(image.dtype)
+        r_s = self.canonical.motion.to(image.dtype)
+        own = self.dec(s_r + r_s, feats)
+        return PortraitCode(s_r, feats, r_s, (image - own.image).float(), own.flow)
+
+    def user_reference(self, fps: float) -> UserReference | None:
+        """A fresh running reference for one user's webcam codes, with `relative_user_motion` (else None: the
+        codes are used as they are)."""
+        if self.canonical is None or not self.config.relative_user_motion:
+            return None
+        self.canonical.require_set()
+        return UserReference(self.canonical.motion, max(1, round(USER_REFERENCE_SECONDS * fps)))
 
     def decode(self, latent: torch.Tensor, feats: list[torch.Tensor]) -> DecodedFrames:
         return self.dec(latent, feats)

@@ -74,8 +74,9 @@ def user_video_crops(path: Path, size: int, num_frames: int, detector: FaceDetec
 @torch.inference_mode()
 def motion_latents(model: AvatarForcing, crops: Iterable[np.ndarray], num_frames: int, chunk: int = 50,
                    progress: Progress | None = None) -> torch.Tensor:
-    """Face crops -> motion latents [num_frames, dim_w], encoded `chunk` at a time; fewer crops than
-    frames hold the last one."""
+    """The user's face crops -> motion latents [num_frames, dim_w], encoded `chunk` at a time; fewer crops than
+    frames hold the last one. With `canonical_code` they are taken relative to the user's running reference,
+    as the live engine takes them."""
     mae = model.motion_autoencoder
     param = next(model.parameters())
     latents: list[torch.Tensor] = []
@@ -97,7 +98,8 @@ def motion_latents(model: AvatarForcing, crops: Iterable[np.ndarray], num_frames
     out = torch.cat(latents)
     if out.shape[0] < num_frames:
         out = torch.cat([out, out[-1:].expand(num_frames - out.shape[0], -1)])
-    return out
+    reference = mae.user_reference(model.config.fps)
+    return out if reference is None else reference.relative(out)
 
 
 @torch.inference_mode()

@@ -96,6 +96,8 @@ class StreamingEngine:
                                      lead_in_frames=lead_in)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        if self.settings.decode and model.motion_autoencoder.canonical is not None:
+            model.motion_autoencoder.canonical.require_set()  # refuse at start-up, not at the first session
         if self.settings.channels_last:
             for weight in model.motion_autoencoder.parameters():
                 if weight.dim() == 4:  # conv kernels (Module.to refuses modules that also hold other ranks)
@@ -159,10 +161,13 @@ class StreamingEngine:
             raise ValueError(f"seed must be an integer in [0, 2**63), got {seed}")
         noise = noise or generator_noise(seed, self.device, self.dtype)
         code = portrait if isinstance(portrait, PortraitCode) else self.portraits.get(portrait)
+        inputs = inputs or self.new_live_inputs()
+        # Live webcam latents are encoded here, frame by frame; precomputed ones come relative already.
+        reference = self.model.motion_autoencoder.user_reference(self.fps) if isinstance(inputs, LiveInputs) else None
         slot = self.pool.allocate()  # PoolFullError when full
         session = Session(
-            id=sid, slot=slot, portrait=code, inputs=inputs or self.new_live_inputs(), noise=noise, seed=seed,
-            clock_start=self.clock() if now is None else now,
+            id=sid, slot=slot, portrait=code, inputs=inputs, noise=noise, seed=seed,
+            clock_start=self.clock() if now is None else now, user_reference=reference,
         )
         self.sessions[sid] = session
         return session
@@ -195,7 +200,8 @@ class StreamingEngine:
                 self._skip(row.session, row.skip)
         requests = [s.inputs.request(r.start + s.input_offset, r.stop + s.input_offset)
                     for s, r in zip(sessions, rows, strict=True)]
-        cond, learned = self.runner.conditions(requests, [s.motion_latents for s in sessions], timer)
+        cond, learned = self.runner.conditions(requests, [s.motion_latents for s in sessions], timer,
+                                               [s.user_reference for s in sessions])
         for session, latents in zip(sessions, learned, strict=True):
             for fid, latent in latents.items():
                 session.remember_motion(fid, latent)

@@ -39,7 +39,7 @@ class PortraitCache:
         param = next(self.autoencoder.parameters())
         pixels = to_model_input(resize_square(image, size)).to(param.device, param.dtype)
         with torch.inference_mode():  # fp32 even in a bf16 engine: encoded once, reused for every frame
-            code = self.autoencoder.encode_portrait(pixels)
+            code = self.autoencoder.animation_code(pixels)
         self._codes[key] = code
         while len(self._codes) > self.capacity:
             self._codes.popitem(last=False)

@@ -9,7 +9,7 @@ back. It works on any device; padding rows up to a bucket keeps shapes static fo
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..avatar_forcing import AvatarForcing
+from ..canonical import UserReference
 from ..flow_transformer import LayerKV
 from ..media.image import to_uint8_tensor
 from ..motion_autoencoder import PortraitCode
@@ -93,9 +94,12 @@ class BlockRunner:
     # -- conditions ---------------------------------------------------------------------------------------
 
     def conditions(self, requests: list[BlockRequest], known_motion: list[Mapping[int, torch.Tensor]],
-                   timer: StageTimer) -> tuple[Conditions, list[dict[int, torch.Tensor]]]:
+                   timer: StageTimer, references: Sequence[UserReference | None] | None = None,
+                   ) -> tuple[Conditions, list[dict[int, torch.Tensor]]]:
         """Per-frame conditions of every row, and the webcam latents newly encoded per row (for the caller
-        to remember: a frame feeds several blocks)."""
+        to remember: a frame feeds several blocks). `references`: per row, the user's running reference that
+        new webcam latents are taken relative to (`canonical_code`), or None."""
+        refs = list(references) if references is not None else [None] * len(requests)
         rows: list[Conditions | None] = [None] * len(requests)
         learned: list[dict[int, torch.Tensor]] = [{} for _ in requests]
         live = [i for i, r in enumerate(requests) if isinstance(r, LiveRequest)]
@@ -108,7 +112,7 @@ class BlockRunner:
                 wa, wa_user = self._audio_features(live_requests)
             with timer("user_motion"):
                 motion = self._user_motion([r.windows for r in live_requests], [known_motion[i] for i in live],
-                                           [learned[i] for i in live])
+                                           [learned[i] for i in live], [refs[i] for i in live])
             for j, i in enumerate(live):
                 rows[i] = Conditions(wa[j:j + 1], wa_user[j:j + 1], motion[j:j + 1])
         ready = [r for r in rows if r is not None]
@@ -129,9 +133,10 @@ class BlockRunner:
         return wa, wa_user
 
     def _user_motion(self, windows: list[LiveWindows], known: list[Mapping[int, torch.Tensor]],
-                     learned: list[dict[int, torch.Tensor]]) -> torch.Tensor:
-        """Motion latents of the webcam frames feeding each row; new crops encoded together."""
-        todo = [(row, fid, image) for row, w in enumerate(windows) for fid, image in w.images.items()
+                     learned: list[dict[int, torch.Tensor]], references: list[UserReference | None]) -> torch.Tensor:
+        """Motion latents of the webcam frames feeding each row; new crops encoded together (in frame order, so
+        each row's reference moves on in time)."""
+        todo = [(row, fid, image) for row, w in enumerate(windows) for fid, image in sorted(w.images.items())
                 if fid not in known[row]]
         mae = self.model.motion_autoencoder
         for i in range(0, len(todo), self.motion_chunk):
@@ -139,6 +144,11 @@ class BlockRunner:
             pixels = normalise_pixels(self.upload_pixels(np.stack([image for _, _, image in chunk])), self.dtype)
             for (row, fid, _), encoded in zip(chunk, mae.encode_motion(pixels), strict=True):
                 learned[row][fid] = encoded
+        for row, reference in enumerate(references):
+            if reference is not None and learned[row]:
+                fids = sorted(learned[row])
+                relative = reference.relative(torch.stack([learned[row][fid] for fid in fids]))
+                learned[row].update(zip(fids, relative, strict=True))
         zero = torch.zeros(self.cfg.dim_w, device=self.device, dtype=self.dtype)
 
         def latent(row: int, fid: int | None) -> torch.Tensor:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..canonical import UserReference
 from ..motion_autoencoder import PortraitCode
 from ..sampler import Conditions, NoiseFn
 from .drift import PoseAnchor
@@ -65,6 +66,7 @@ class Session:
     context: torch.Tensor | None = None  # [1, context_frames, dim_w] clean latents re-fed next block
     motion_latents: OrderedDict = field(default_factory=OrderedDict)  # webcam frame id -> [dim_w] latent
     anchor: PoseAnchor | None = None  # drift control state, when enabled
+    user_reference: UserReference | None = None  # with canonical_code: the user's running resting code
 
     @property
     def finished(self) -> bool:

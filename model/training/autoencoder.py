@@ -124,6 +124,9 @@ def scale_motion_latents(autoencoder: MotionAutoencoder, factor: float) -> None:
         for module in dec.modules():
             if isinstance(module, ModulatedConv2d):
                 module.modulation.weight.div_(factor)
+        if autoencoder.canonical is not None:  # codes like the others
+            autoencoder.canonical.appearance.mul_(factor)
+            autoencoder.canonical.motion.mul_(factor)
 
 
 # -- data -----------------------------------------------------------------------------------------------------
