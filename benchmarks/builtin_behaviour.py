@@ -6,6 +6,7 @@ long session (SSIM of the face region at its last minute against its first).
     .venv/bin/python benchmarks/builtin_behaviour.py --seeds 1 --long-minutes 10
     .venv/bin/python benchmarks/builtin_behaviour.py --smile-response   # smiles against a counterfactual
     .venv/bin/python benchmarks/builtin_behaviour.py --portrait some_face.jpg     # an uploaded portrait
+    .venv/bin/python benchmarks/builtin_behaviour.py --user-portrait other.jpg    # a user of another face
 
 Options --config / --weights measure another model the same way (default: the built-in one).
 """
@@ -36,6 +37,8 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4])
     p.add_argument("--seconds", type=float, default=30.0)
     p.add_argument("--portrait", type=Path, default=None, help="the avatar's portrait (default: held-out looks)")
+    p.add_argument("--user-portrait", type=Path, default=None,
+                   help="the face the user's video is rendered from (default: held-out looks)")
     p.add_argument("--long-minutes", type=float, default=0.0, help="also one session this long: identity drift")
     p.add_argument("--smile-response", action="store_true",
                    help="also generate each conversation without the user's smiles: how much wider the mouth is with")
@@ -46,10 +49,11 @@ def main() -> None:
     size = model.config.motion.input_size
     grace = crop_portrait(load_image(packaged_portraits()["grace_hopper"]), size)
     uploaded = crop_portrait(load_image(args.portrait), size) if args.portrait else None
+    user_face = crop_portrait(load_image(args.user_portrait), size) if args.user_portrait else None
     results, responses = [], []
     for seed in args.seeds:
         avatar = uploaded if uploaded is not None else augmented(grace, 400_000 + seed)
-        user = augmented(grace, 500_000 + seed)
+        user = user_face if user_face is not None else augmented(grace, 500_000 + seed)
         conversation = make_conversation(args.seconds, seed=90_000 + seed,
                                          voices=HELD_OUT_VOICES[seed % len(HELD_OUT_VOICES)])
         t0 = time.perf_counter()
@@ -80,7 +84,8 @@ def main() -> None:
         seed = args.seeds[0]
         avatar = uploaded if uploaded is not None else augmented(grace, 400_000 + seed)
         conversation = make_conversation(args.long_minutes * 60, seed=91_000 + seed, voices=HELD_OUT_VOICES[0])
-        frames = generate_for(model, conversation, avatar, augmented(grace, 500_000 + seed))
+        user = user_face if user_face is not None else augmented(grace, 500_000 + seed)
+        frames = generate_for(model, conversation, avatar, user)
         minute = 60 * 25
         first = np.mean([face_ssim(f, avatar) for f in frames[:minute:25]])
         last = np.mean([face_ssim(f, avatar) for f in frames[-minute::25]])

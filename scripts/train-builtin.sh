@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Makes the built-in model (weights/builtin/model.safetensors) from scratch, seeded, with the project's own
-# commands: conversations made here, the motion auto-encoder, its decoder sharpened, its latents scaled, data
-# preparation, flow matching (and optionally DPO). docs/training.md §6 says what each step is for and what it
-# measured.
+# commands: conversations made here, the motion auto-encoder, its decoder sharpened, its latents scaled, its
+# canonical code set, data preparation, flow matching (and optionally DPO). docs/training.md §6 says what each
+# step is for and what it measured.
 #
 #   scripts/train-builtin.sh RUN_DIR            # then: cp RUN_DIR/fm/model.safetensors weights/builtin/
 #
@@ -86,6 +86,11 @@ fi
 # motion and the transformer's heads barely moved (docs/training.md §6).
 "${CLI[@]}" train scale-latents --weights "$RUN/decoder/model.safetensors" --config builtin \
     --factor "$LATENT_SCALE" --out "$RUN/autoencoder.safetensors"
+# 4b. The canonical code (the `canonical_code` extension): the 24 training looks' mean appearance and motion
+# codes, which every served portrait is animated in, so a face the auto-encoder never saw keeps its shape and
+# talks (model/canonical.py). Set after the scaling: the codes are the scaled ones.
+"${CLI[@]}" train canonical-code --weights "$RUN/autoencoder.safetensors" --config builtin --rig-looks 24 \
+    --out "$RUN/autoencoder.safetensors"
 
 # 5. Training shards: motion latents of both sides and the (frozen, seeded) audio features. The conversations are
 # face crops already, so every frame is encoded whole (no detection).

@@ -2,7 +2,8 @@
 `avatar-forcing serve` runs when nothing is configured (said in one line), and on a held-out conversation
 (two espeak-ng voices and two portrait looks it never trained on) it behaves: measured with the face mesh on
 its own frames, its mouth follows its speech and its head moves more while the user speaks than in mutual
-silence. A regression of the shipped weights, of the engine that runs them or of the sampler fails here."""
+silence; and so does a portrait of another person, uploaded. A regression of the shipped weights, of the engine
+that runs them or of the sampler fails here."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from golden_data import MEDIA_DIR
 
 from avatar_forcing.model.config import config_from_name
 from avatar_forcing.model.media.face import crop_portrait
@@ -105,6 +107,30 @@ def test_it_smiles_back_when_the_user_smiles(model, generated):
     print("avatar's mouth width, smiling user minus still user, per onset:", np.round(wider, 3))
     assert len(wider) == 4
     assert (wider > SMILE_RISE).sum() >= 3 and wider.mean() >= SMILE_RISE, wider
+
+
+@pytest.fixture(scope="module")
+def uploaded(model, generated):
+    """The held-out conversation again, the avatar now a portrait of another person (../shared/media/rumi.jpg,
+    a test-only image the model never saw: an uploaded portrait)."""
+    if not (MEDIA_DIR / "rumi.jpg").exists():
+        pytest.skip(f"needs {MEDIA_DIR / 'rumi.jpg'}")
+    conversation, _, user_look, _, _ = generated
+    portrait = crop_portrait(load_image(MEDIA_DIR / "rumi.jpg"), model.config.motion.input_size)
+    frames = generate_for(model, conversation, portrait, user_look)
+    behaviour = measure(conversation, portrait, frames)
+    print("built-in model with an uploaded portrait of another person:", behaviour.line())
+    return behaviour
+
+
+def test_an_uploaded_portrait_of_another_person_keeps_its_face_talks_and_listens(uploaded):
+    """The portrait is animated in the training faces' code (canonical_code): its first frame is itself, its
+    mouth follows the speech and its head moves more while the user speaks. Without the canonical code this
+    portrait's face was warped out of shape and its lip sync r was 0.00 (weights/builtin/MODEL_CARD.md)."""
+    assert uploaded.faces_found > 0.95, uploaded.line()
+    assert uploaded.identity_first >= IDENTITY_SSIM_MIN, uploaded.line()
+    assert uploaded.lip_sync >= LIP_SYNC_MIN and abs(uploaded.lip_lag) <= 2, uploaded.line()
+    assert uploaded.listening_ratio >= LISTENING_RATIO_MIN, uploaded.line()
 
 
 def test_serve_with_nothing_configured_runs_the_builtin_model_and_says_so(tmp_path):

@@ -18,7 +18,7 @@ from test_training import FOLDER
 from avatar_forcing.cli import main
 from avatar_forcing.model.avatar_forcing import build_model
 from avatar_forcing.model.canonical import UserReference
-from avatar_forcing.model.config import from_config_file, from_golden_dir
+from avatar_forcing.model.config import config_from_name, from_config_file, from_golden_dir
 from avatar_forcing.model.engine import EngineSettings, StreamingEngine
 from avatar_forcing.model.training.autoencoder import scale_motion_latents
 
@@ -90,6 +90,8 @@ def test_a_code_never_set_is_refused_before_anything_is_served():
 
 
 def test_the_option_is_read_from_a_configuration_file_and_needs_the_portrait_detail(tmp_path):
+    builtin = config_from_name("builtin").motion
+    assert builtin.canonical_code and not builtin.relative_user_motion  # (measured: docs/training.md §6)
     raw = json.loads((FOLDER / "small_config.json").read_text())
     for extensions, expected in (({"portrait_detail": True, "canonical_code": True}, None),
                                  ({"canonical_code": True}, "needs portrait_detail"),
