@@ -75,7 +75,7 @@ def user_video_crops(path: Path, size: int, num_frames: int, detector: FaceDetec
 def motion_latents(model: AvatarForcing, crops: Iterable[np.ndarray], num_frames: int, chunk: int = 50,
                    progress: Progress | None = None) -> torch.Tensor:
     """The user's face crops -> motion latents [num_frames, dim_w], encoded `chunk` at a time; fewer crops than
-    frames hold the last one. With `canonical_code` they are taken relative to the user's running reference,
+    frames hold the last one. With `relative_user_motion` they are taken relative to the user's running reference,
     as the live engine takes them."""
     mae = model.motion_autoencoder
     param = next(model.parameters())

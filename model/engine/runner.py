@@ -98,7 +98,7 @@ class BlockRunner:
                    ) -> tuple[Conditions, list[dict[int, torch.Tensor]]]:
         """Per-frame conditions of every row, and the webcam latents newly encoded per row (for the caller
         to remember: a frame feeds several blocks). `references`: per row, the user's running reference that
-        new webcam latents are taken relative to (`canonical_code`), or None."""
+        new webcam latents are taken relative to (`relative_user_motion`), or None."""
         refs = list(references) if references is not None else [None] * len(requests)
         rows: list[Conditions | None] = [None] * len(requests)
         learned: list[dict[int, torch.Tensor]] = [{} for _ in requests]
