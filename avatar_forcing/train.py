@@ -304,8 +304,8 @@ def run_canonical_code(args: argparse.Namespace) -> int:
     if not cfg.motion.canonical_code:
         raise UserError(f"--config {args.config} has no canonical_code extension: its models animate every "
                         "portrait in its own code, so there is nothing to set")
-    if args.rig_looks < 0:
-        raise UserError(f"--rig-looks must be positive, not {args.rig_looks}")
+    if not args.portraits and args.rig_looks < 1:
+        raise UserError(f"--rig-looks must be at least 1, not {args.rig_looks}")
     model = load_model(cfg, args.weights, start_fresh=EXTENSION_LAYERS + EXTENSION_BUFFERS)
     mae = model.motion_autoencoder
     assert mae.canonical is not None

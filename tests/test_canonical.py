@@ -212,3 +212,6 @@ def test_train_canonical_code_sets_the_mean_code_of_the_faces_given(tmp_path, ca
     code = main(["train", "canonical-code", "--weights", str(weights), "--config", str(without),
                  "--portraits", str(mirrored), "--out", str(tmp_path / "x.safetensors")])
     assert code == 2 and "no canonical_code extension" in capsys.readouterr().err
+    code = main(["train", "canonical-code", "--weights", str(weights), "--config", str(with_option),
+                 "--rig-looks", "-1", "--out", str(tmp_path / "x.safetensors")])
+    assert code == 2 and "--rig-looks must be at least 1, not -1" in capsys.readouterr().err
