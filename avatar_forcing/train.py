@@ -65,10 +65,8 @@ def run_train(args: argparse.Namespace) -> int:
     import torch
 
     from avatar_forcing.model.avatar_forcing import build_model
-    from avatar_forcing.model.canonical import EXTENSION_BUFFERS
     from avatar_forcing.model.config import config_from_name
     from avatar_forcing.model.device import pick_device
-    from avatar_forcing.model.dual_motion_encoder import EXTENSION_LAYERS
     from avatar_forcing.model.training.data import load_shards, save_shards
     from avatar_forcing.model.training.flow_matching import DropoutSettings, NoiseSettings
     from avatar_forcing.model.training.loop import Distributed, LoopSettings
@@ -83,7 +81,7 @@ def run_train(args: argparse.Namespace) -> int:
     if device.type == "cuda" and dist_info.active:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     model = (build_model(cfg, device) if args.weights == "none"
-             else load_model(cfg, args.weights, device=device, start_fresh=EXTENSION_LAYERS + EXTENSION_BUFFERS))
+             else load_model(cfg, args.weights, device=device, start_fresh=training_fresh_start()))
     try:
         clips = load_shards(args.data)
     except (FileNotFoundError, ValueError) as exc:
@@ -124,6 +122,16 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
+
+
+def training_fresh_start() -> tuple[str, ...]:
+    """Parts of our extensions a training command's starting checkpoint may lack (they keep their initial
+    values): the user residual's zero-initialised layer and the canonical code's buffers, set by
+    `canonical-code`."""
+    from avatar_forcing.model.canonical import EXTENSION_BUFFERS
+    from avatar_forcing.model.dual_motion_encoder import EXTENSION_LAYERS
+
+    return EXTENSION_LAYERS + EXTENSION_BUFFERS
 
 
 def training_looks(looks: int, size: int) -> list:
@@ -252,9 +260,7 @@ def add_scale_latents_command(kinds) -> None:
 
 
 def run_scale_latents(args: argparse.Namespace) -> int:
-    from avatar_forcing.model.canonical import EXTENSION_BUFFERS
     from avatar_forcing.model.config import config_from_name
-    from avatar_forcing.model.dual_motion_encoder import EXTENSION_LAYERS
     from avatar_forcing.model.training.autoencoder import scale_motion_latents
     from avatar_forcing.weights.convert import save_safetensors
     from avatar_forcing.weights.loading import load_model
@@ -263,7 +269,7 @@ def run_scale_latents(args: argparse.Namespace) -> int:
         raise UserError(f"--factor must be positive, not {args.factor}")
     if args.out.suffix != ".safetensors":
         raise UserError(f"--out must name a .safetensors file, not {args.out}")
-    model = load_model(config_from_name(args.config), args.weights, start_fresh=EXTENSION_LAYERS + EXTENSION_BUFFERS)
+    model = load_model(config_from_name(args.config), args.weights, start_fresh=training_fresh_start())
     scale_motion_latents(model.motion_autoencoder, args.factor)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_safetensors(model.state_dict(), args.out, source=f"{args.weights}, motion latents x{args.factor:g}")
@@ -290,9 +296,7 @@ def add_canonical_code_command(kinds) -> None:
 def run_canonical_code(args: argparse.Namespace) -> int:
     import torch
 
-    from avatar_forcing.model.canonical import EXTENSION_BUFFERS
     from avatar_forcing.model.config import config_from_name
-    from avatar_forcing.model.dual_motion_encoder import EXTENSION_LAYERS
     from avatar_forcing.model.media.face import crop_portrait
     from avatar_forcing.model.media.image import load_image, to_model_input
     from avatar_forcing.weights.convert import save_safetensors
@@ -306,7 +310,7 @@ def run_canonical_code(args: argparse.Namespace) -> int:
                         "portrait in its own code, so there is nothing to set")
     if not args.portraits and args.rig_looks < 1:
         raise UserError(f"--rig-looks must be at least 1, not {args.rig_looks}")
-    model = load_model(cfg, args.weights, start_fresh=EXTENSION_LAYERS + EXTENSION_BUFFERS)
+    model = load_model(cfg, args.weights, start_fresh=training_fresh_start())
     mae = model.motion_autoencoder
     assert mae.canonical is not None
     size = cfg.motion.input_size
@@ -342,10 +346,8 @@ def run_train_autoencoder(args: argparse.Namespace) -> int:
 
     from avatar_forcing.errors import MediaError
     from avatar_forcing.model.avatar_forcing import build_model
-    from avatar_forcing.model.canonical import EXTENSION_BUFFERS
     from avatar_forcing.model.config import config_from_name
     from avatar_forcing.model.device import pick_device
-    from avatar_forcing.model.dual_motion_encoder import EXTENSION_LAYERS
     from avatar_forcing.model.training.autoencoder import (
         ReconstructionWeights,
         autoencoder_trainer,
@@ -375,7 +377,7 @@ def run_train_autoencoder(args: argparse.Namespace) -> int:
         model = build_model(cfg, device)
         start_with_still_warps(model.motion_autoencoder)
     else:
-        model = load_model(cfg, args.weights, device=device, start_fresh=EXTENSION_LAYERS + EXTENSION_BUFFERS)
+        model = load_model(cfg, args.weights, device=device, start_fresh=training_fresh_start())
     size = model.config.motion.input_size
     clips = []
     for path in tqdm(files, desc="face crops", unit="clip", disable=args.no_progress or not dist_info.main):

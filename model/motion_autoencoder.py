@@ -237,7 +237,12 @@ class MotionAutoencoder(nn.Module):
     def encode_portrait(self, image: torch.Tensor) -> PortraitCode:
         """One portrait [1,3,S,S] in [-1, 1] -> its code."""
         s_r, feats = self.encode_appearance(image)
-        r_s = self.motion_of_code(s_r)
+        return self._portrait_code(image, s_r, feats, self.motion_of_code(s_r))
+
+    def _portrait_code(self, image: torch.Tensor, s_r: torch.Tensor, feats: list[torch.Tensor],
+                       r_s: torch.Tensor) -> PortraitCode:
+        """The code that decodes `image` from these maps with s_r + r_s: with `portrait_detail`, plus what that
+        decoding misses of the image and its warp grid."""
         if not self.config.portrait_detail:
             return PortraitCode(s_r, feats, r_s)
         own = self.dec(s_r + r_s, feats)
@@ -250,10 +255,8 @@ class MotionAutoencoder(nn.Module):
             return self.encode_portrait(image)
         self.canonical.require_set()
         _, feats = self.encode_appearance(image)
-        s_r = self.canonical.appearance.to(image.dtype)
-        r_s = self.canonical.motion.to(image.dtype)
-        own = self.dec(s_r + r_s, feats)
-        return PortraitCode(s_r, feats, r_s, (image - own.image).float(), own.flow)
+        return self._portrait_code(image, self.canonical.appearance.to(image.dtype), feats,
+                                   self.canonical.motion.to(image.dtype))
 
     def user_reference(self, fps: float) -> UserReference | None:
         """A fresh running reference for one user's webcam codes, with `relative_user_motion` (else None: the
