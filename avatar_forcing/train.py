@@ -26,6 +26,7 @@ def add_train_command(subparsers) -> None:
     add_autoencoder_command(kinds)
     add_scale_latents_command(kinds)
     add_canonical_code_command(kinds)
+    add_user_expression_command(kinds)
     for kind, text in (("transformer", "diffusion-forcing flow matching"), ("dpo", "label-free Diffusion-DPO")):
         k = kinds.add_parser(kind, help=text)
         k.add_argument("--data", required=True, type=Path, help="shard folder (index.json)")
@@ -126,12 +127,13 @@ VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
 
 def training_fresh_start() -> tuple[str, ...]:
     """Parts of our extensions a training command's starting checkpoint may lack (they keep their initial
-    values): the user residual's zero-initialised layer and the canonical code's buffers, set by
-    `canonical-code`."""
+    values): the user residual's zero-initialised layer, the canonical code's buffers, set by `canonical-code`,
+    and the user-expression maps, set by `user-expression`."""
     from avatar_forcing.model.canonical import EXTENSION_BUFFERS
     from avatar_forcing.model.dual_motion_encoder import EXTENSION_LAYERS
+    from avatar_forcing.model.user_expression import EXTENSION_BUFFERS as EXPRESSION_BUFFERS
 
-    return EXTENSION_LAYERS + EXTENSION_BUFFERS
+    return EXTENSION_LAYERS + EXTENSION_BUFFERS + EXPRESSION_BUFFERS
 
 
 def training_looks(looks: int, size: int) -> list:
@@ -293,36 +295,78 @@ def add_canonical_code_command(kinds) -> None:
     k.set_defaults(func=run_canonical_code)
 
 
-def run_canonical_code(args: argparse.Namespace) -> int:
-    import torch
-
+def extension_model(args: argparse.Namespace, extension: str, without: str):
+    """`--weights` under `--config`, for a command that sets the buffers of one of our motion auto-encoder
+    extensions; refuses an `--out` that is not a .safetensors file and a configuration without the extension
+    (`without`: what its models do instead)."""
     from avatar_forcing.model.config import config_from_name
-    from avatar_forcing.model.media.face import crop_portrait
-    from avatar_forcing.model.media.image import load_image, to_model_input
-    from avatar_forcing.weights.convert import save_safetensors
     from avatar_forcing.weights.loading import load_model
 
     if args.out.suffix != ".safetensors":
         raise UserError(f"--out must name a .safetensors file, not {args.out}")
     cfg = config_from_name(args.config)
-    if not cfg.motion.canonical_code:
-        raise UserError(f"--config {args.config} has no canonical_code extension: its models animate every "
-                        "portrait in its own code, so there is nothing to set")
+    if not getattr(cfg.motion, extension):
+        raise UserError(f"--config {args.config} has no {extension} extension: {without}, so there is nothing "
+                        "to set")
+    return load_model(cfg, args.weights, start_fresh=training_fresh_start())
+
+
+def save_model(model, out: Path, source: str) -> None:
+    from avatar_forcing.weights.convert import save_safetensors
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_safetensors(model.state_dict(), out, source=source)
+
+
+def run_canonical_code(args: argparse.Namespace) -> int:
+    import torch
+
+    from avatar_forcing.model.media.face import crop_portrait
+    from avatar_forcing.model.media.image import load_image, to_model_input
+
     if not args.portraits and args.rig_looks < 1:
         raise UserError(f"--rig-looks must be at least 1, not {args.rig_looks}")
-    model = load_model(cfg, args.weights, start_fresh=training_fresh_start())
+    model = extension_model(args, "canonical_code", "its models animate every portrait in its own code")
     mae = model.motion_autoencoder
     assert mae.canonical is not None
-    size = cfg.motion.input_size
+    size = model.config.motion.input_size
     faces = (training_looks(args.rig_looks, size) if args.rig_looks
              else [crop_portrait(load_image(path), size) for path in args.portraits])
     with torch.inference_mode():
         codes = [mae.encode_portrait(to_model_input(face)) for face in faces]
         mae.canonical.set_from(torch.cat([c.s_r for c in codes]), torch.cat([c.r_s for c in codes]))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    save_safetensors(model.state_dict(), args.out, source=f"{args.weights}, canonical code of {len(faces)} faces")
+    save_model(model, args.out, f"{args.weights}, canonical code of {len(faces)} faces")
     print(f"{args.out}: canonical code set from {len(faces)} faces (appearance norm "
           f"{float(mae.canonical.appearance.norm()):.2f}, motion norm {float(mae.canonical.motion.norm()):.2f})")
+    return 0
+
+
+def add_user_expression_command(kinds) -> None:
+    k = kinds.add_parser("user-expression",
+                         help="fit a model's user-expression maps (the `user_expression` extension: the user's "
+                              "webcam read by the face mesh) on rig renders of its training faces")
+    k.add_argument("--weights", required=True, help="the model (a .safetensors file or folder), canonical code set")
+    k.add_argument("--config", default="official", help="a configuration with the user_expression extension")
+    k.add_argument("--rig-looks", type=int, required=True,
+                   help="the first N looks of the packaged portrait (those `train autoencoder --rig-looks` "
+                        "trained on)")
+    k.add_argument("--renders", type=int, default=100, help="random expressions rendered per look")
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--out", required=True, type=Path, help="the model's .safetensors file, its maps set")
+    k.set_defaults(func=run_user_expression)
+
+
+def run_user_expression(args: argparse.Namespace) -> int:
+    from avatar_forcing.model.training.user_expression import fit_user_expression
+
+    if args.rig_looks < 1 or args.renders < 1:
+        raise UserError(f"--rig-looks and --renders must be at least 1, not {args.rig_looks} and {args.renders}")
+    model = extension_model(args, "user_expression", "its models read the user's webcam with the motion encoder")
+    fit = fit_user_expression(model.motion_autoencoder,
+                              training_looks(args.rig_looks, model.config.motion.input_size), args.renders,
+                              seed=args.seed)
+    save_model(model, args.out, f"{args.weights}, user-expression maps of {args.rig_looks} looks x {args.renders}")
+    print(f"{args.out}: user-expression maps set from {fit.line()}")
     return 0
 
 

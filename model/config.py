@@ -44,6 +44,10 @@ class MotionAutoencoderConfig:
     # With canonical_code: the user's webcam codes are taken relative to the user's own running mean and added
     # to the canonical motion (canonical.py), rather than used as they are.
     relative_user_motion: bool = False
+    # With canonical_code, instead of relative_user_motion: the user's motion latents are read from their
+    # webcam by the face mesh, as the training faces' latents of the same expression (model/user_expression.py;
+    # maps set by `avatar-forcing train user-expression`). For a model whose encoder knows few faces.
+    user_expression: bool = False
 
     def __post_init__(self) -> None:
         size = self.input_size
@@ -61,6 +65,12 @@ class MotionAutoencoderConfig:
         if self.relative_user_motion and not self.canonical_code:
             raise ValueError("relative_user_motion needs canonical_code: the user's motion is added to the "
                              "canonical motion code")
+        if self.user_expression and not self.canonical_code:
+            raise ValueError("user_expression needs canonical_code: the user's expression is added to the "
+                             "canonical motion code")
+        if self.user_expression and self.relative_user_motion:
+            raise ValueError("user_expression and relative_user_motion are two ways to read the user's webcam: "
+                             "turn one of them off")
 
     @property
     def log_size(self) -> int:
@@ -256,7 +266,8 @@ def from_golden_dir(folder: str | Path) -> AvatarForcingConfig:
 
 # Our own options beyond the reference's: name -> (the part of the configuration it belongs to, its JSON type).
 EXTENSIONS = {"user_residual": ("transformer", bool), "portrait_detail": ("motion", bool),
-              "canonical_code": ("motion", bool), "relative_user_motion": ("motion", bool)}
+              "canonical_code": ("motion", bool), "relative_user_motion": ("motion", bool),
+              "user_expression": ("motion", bool)}
 
 
 def from_config_file(path: str | Path, default_name: str = "custom") -> AvatarForcingConfig:

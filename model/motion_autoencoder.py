@@ -19,6 +19,7 @@ from avatar_forcing.kernels.warp import WARP
 from .canonical import USER_REFERENCE_SECONDS, CanonicalCode, UserReference
 from .config import MotionAutoencoderConfig
 from .stylegan_ops import ConvLayer, EqualConv2d, EqualLinear, ModulatedConv2d, ResBlock, StyledConv, Upsample
+from .user_expression import UserExpressionMaps, UserExpressionReader
 
 
 class EncoderApp(nn.Module):
@@ -220,6 +221,7 @@ class MotionAutoencoder(nn.Module):
         self.enc = MotionEncoder(cfg)
         self.dec = Synthesis(cfg)
         self.canonical = CanonicalCode(cfg.style_dim) if cfg.canonical_code else None
+        self.user_expression = UserExpressionMaps(cfg.style_dim) if cfg.user_expression else None
 
     def encode_appearance(self, image: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Image in [-1, 1] -> (s_r [B, style_dim], feature maps)."""
@@ -258,13 +260,21 @@ class MotionAutoencoder(nn.Module):
         return self._portrait_code(image, self.canonical.appearance.to(image.dtype), feats,
                                    self.canonical.motion.to(image.dtype))
 
-    def user_reference(self, fps: float) -> UserReference | None:
-        """A fresh running reference for one user's webcam codes, with `relative_user_motion` (else None: the
-        codes are used as they are)."""
-        if self.canonical is None or not self.config.relative_user_motion:
+    def user_reference(self, fps: float) -> UserReference | UserExpressionReader | None:
+        """What one user's webcam crops go through, fresh per user: with `relative_user_motion` a running
+        reference for their encoded codes; with `user_expression` a reader that makes their latents from the
+        face mesh instead of the encoder; else None (the encoded codes are used as they are)."""
+        if self.canonical is None:
+            return None
+        horizon = max(1, round(USER_REFERENCE_SECONDS * fps))
+        if self.user_expression is not None:
+            self.canonical.require_set()
+            self.user_expression.require_set()
+            return UserExpressionReader(self.user_expression, self.canonical.motion, horizon)
+        if not self.config.relative_user_motion:
             return None
         self.canonical.require_set()
-        return UserReference(self.canonical.motion, max(1, round(USER_REFERENCE_SECONDS * fps)))
+        return UserReference(self.canonical.motion, horizon)
 
     def decode(self, latent: torch.Tensor, feats: list[torch.Tensor]) -> DecodedFrames:
         return self.dec(latent, feats)

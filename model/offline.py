@@ -21,11 +21,13 @@ from avatar_forcing.errors import MediaError
 
 from .audio_encoder import normalize_utterance
 from .avatar_forcing import AvatarForcing
+from .canonical import UserReference
 from .engine import BlockOutput, EngineSettings, FrameMarker, PrecomputedInputs, StreamingEngine
 from .media.audio import load_audio
 from .media.face import FaceDetector, crop_portrait, default_detector, fixed_crop_box
 from .media.image import load_image, resize_square, to_model_input
 from .media.video import iter_video_frames, probe_video
+from .user_expression import UserExpressionReader
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -74,17 +76,20 @@ def user_video_crops(path: Path, size: int, num_frames: int, detector: FaceDetec
 @torch.inference_mode()
 def motion_latents(model: AvatarForcing, crops: Iterable[np.ndarray], num_frames: int, chunk: int = 50,
                    progress: Progress | None = None) -> torch.Tensor:
-    """The user's face crops -> motion latents [num_frames, dim_w], encoded `chunk` at a time; fewer crops than
-    frames hold the last one. With `relative_user_motion` they are taken relative to the user's running reference,
-    as the live engine takes them."""
+    """The user's face crops -> motion latents [num_frames, dim_w], `chunk` at a time; fewer crops than frames
+    hold the last one. As the live engine makes them: encoded, and with `relative_user_motion` taken relative to
+    the user's running reference; or with `user_expression` read by the face mesh."""
     mae = model.motion_autoencoder
     param = next(model.parameters())
+    reference = mae.user_reference(model.config.fps)
     latents: list[torch.Tensor] = []
     batch: list[np.ndarray] = []
 
     def flush() -> None:
-        pixels = to_model_input(np.stack(batch)).to(param.device, param.dtype)
-        latents.append(mae.encode_motion(pixels))
+        if isinstance(reference, UserExpressionReader):
+            latents.append(reference.latents(batch).to(param.device, param.dtype))
+        else:
+            latents.append(mae.encode_motion(to_model_input(np.stack(batch)).to(param.device, param.dtype)))
         batch.clear()
         if progress:
             progress("user motion", sum(len(x) for x in latents), num_frames)
@@ -98,8 +103,7 @@ def motion_latents(model: AvatarForcing, crops: Iterable[np.ndarray], num_frames
     out = torch.cat(latents)
     if out.shape[0] < num_frames:
         out = torch.cat([out, out[-1:].expand(num_frames - out.shape[0], -1)])
-    reference = mae.user_reference(model.config.fps)
-    return out if reference is None else reference.relative(out)
+    return reference.relative(out) if isinstance(reference, UserReference) else out
 
 
 @torch.inference_mode()

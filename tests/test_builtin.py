@@ -133,6 +133,38 @@ def test_an_uploaded_portrait_of_another_person_keeps_its_face_talks_and_listens
     assert uploaded.listening_ratio >= LISTENING_RATIO_MIN, uploaded.line()
 
 
+@pytest.fixture(scope="module")
+def real_user(model, generated):
+    """The held-out conversation again, the user now a real person (the first frame of ../shared/media/user.mp4,
+    test-only, animated by the face rig), smiling four times: the face the motion encoder cannot read, which
+    the model reads with the face mesh (`user_expression`)."""
+    from avatar_forcing.model.media.video import iter_video_frames
+
+    if not (MEDIA_DIR / "user.mp4").exists():
+        pytest.skip(f"needs {MEDIA_DIR / 'user.mp4'}")
+    conversation, avatar_look, _, _, _ = generated
+    person = crop_portrait(next(iter(iter_video_frames(MEDIA_DIR / "user.mp4"))), model.config.motion.input_size)
+    smiling = with_user_smile(conversation, sum(0.9 * bump(conversation.frames, start * FPS, 70)
+                                                for start in (3, 8, 13, 18)))
+    frames = generate_for(model, smiling, avatar_look, person)
+    behaviour = measure(smiling, avatar_look, frames)
+    wider = smile_response(model, smiling, avatar_look, person, frames=frames)
+    print("built-in model with a real person as the user:", behaviour.line(), "; mouth width, smiling minus still "
+          "user, per onset:", np.round(wider, 3))
+    return behaviour, wider
+
+
+def test_it_listens_and_smiles_back_to_a_real_person(real_user):
+    """Read by the motion encoder, this person's smiles were answered 0 times in 16 and the listening ratio fell
+    to 1.63x (weights/builtin/MODEL_CARD.md); read by the face mesh, the avatar moves more while she speaks and
+    its mouth is wider after her smiles than after the same conversation without them."""
+    behaviour, wider = real_user
+    assert behaviour.listening_ratio >= LISTENING_RATIO_MIN, behaviour.line()
+    assert behaviour.lip_sync >= LIP_SYNC_MIN, behaviour.line()
+    assert len(wider) == 4
+    assert (wider > SMILE_RISE).sum() >= REAL_SMILES_MIN and wider.mean() >= SMILE_RISE / 2, wider
+
+
 def test_serve_with_nothing_configured_runs_the_builtin_model_and_says_so(tmp_path):
     """A fresh machine: no --config, no --weights, no cached official files, no network to the hub."""
     from test_cli import closed_port
@@ -212,3 +244,5 @@ def test_generate_with_nothing_configured_uses_the_builtin_model(tmp_path, gener
 LIP_SYNC_MIN = 0.6
 LISTENING_RATIO_MIN = 2.0
 IDENTITY_SSIM_MIN = 0.8
+# Of the real person's four smiles, at least this many answered (the mouth wider by SMILE_RISE than without).
+REAL_SMILES_MIN = 2

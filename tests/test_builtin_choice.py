@@ -33,7 +33,7 @@ def stand_in(tmp_path, monkeypatch):
     tensors = load_file(GOLDEN / "small_weights.safetensors")
     expected = build_model(config_from_name("builtin")).state_dict()
     tensors |= {name: torch.zeros_like(expected[name]) for name in expected.keys() - tensors.keys()
-                if "user_to_avatar" in name or ".canonical." in name}
+                if "user_to_avatar" in name or ".canonical." in name or ".user_expression." in name}
     save_file(tensors, folder / builtin.WEIGHTS_NAME)
     monkeypatch.setattr(builtin, "folder", lambda: folder)
     monkeypatch.setattr(hub, "missing_from_cache", lambda cache_dir=None: list(hub.CHECKPOINTS))

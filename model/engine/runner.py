@@ -22,6 +22,7 @@ from ..flow_transformer import LayerKV
 from ..media.image import to_uint8_tensor
 from ..motion_autoencoder import PortraitCode
 from ..sampler import Conditions, GuidedSampler, pad_branch_rows, pad_rows, repeat_branches, unpad_branch_rows
+from ..user_expression import UserExpressionReader, UserMotionReader
 from .inputs import BlockRequest, LiveRequest, LiveWindows
 from .staging import PinnedUploads, normalise_pixels
 
@@ -94,11 +95,12 @@ class BlockRunner:
     # -- conditions ---------------------------------------------------------------------------------------
 
     def conditions(self, requests: list[BlockRequest], known_motion: list[Mapping[int, torch.Tensor]],
-                   timer: StageTimer, references: Sequence[UserReference | None] | None = None,
+                   timer: StageTimer, references: Sequence[UserMotionReader] | None = None,
                    ) -> tuple[Conditions, list[dict[int, torch.Tensor]]]:
         """Per-frame conditions of every row, and the webcam latents newly encoded per row (for the caller
         to remember: a frame feeds several blocks). `references`: per row, the user's running reference that
-        new webcam latents are taken relative to (`relative_user_motion`), or None."""
+        new webcam latents are taken relative to (`relative_user_motion`), or the reader that makes them
+        (`user_expression`), or None."""
         refs = list(references) if references is not None else [None] * len(requests)
         rows: list[Conditions | None] = [None] * len(requests)
         learned: list[dict[int, torch.Tensor]] = [{} for _ in requests]
@@ -133,11 +135,20 @@ class BlockRunner:
         return wa, wa_user
 
     def _user_motion(self, windows: list[LiveWindows], known: list[Mapping[int, torch.Tensor]],
-                     learned: list[dict[int, torch.Tensor]], references: list[UserReference | None]) -> torch.Tensor:
+                     learned: list[dict[int, torch.Tensor]], references: list[UserMotionReader]) -> torch.Tensor:
         """Motion latents of the webcam frames feeding each row; new crops encoded together (in frame order, so
-        each row's reference moves on in time)."""
+        each row's reference moves on in time), or read by the row's `UserExpressionReader`."""
         todo = [(row, fid, image) for row, w in enumerate(windows) for fid, image in sorted(w.images.items())
                 if fid not in known[row]]
+        readers = {row for row, ref in enumerate(references) if isinstance(ref, UserExpressionReader)}
+        for row in readers:
+            mine = [(fid, image) for r, fid, image in todo if r == row]
+            if mine:
+                reader = references[row]
+                assert isinstance(reader, UserExpressionReader)
+                latents = reader.latents([image for _, image in mine]).to(self.device, self.dtype)
+                learned[row].update(zip([fid for fid, _ in mine], latents, strict=True))
+        todo = [item for item in todo if item[0] not in readers]
         mae = self.model.motion_autoencoder
         for i in range(0, len(todo), self.motion_chunk):
             chunk = todo[i:i + self.motion_chunk]
@@ -145,7 +156,7 @@ class BlockRunner:
             for (row, fid, _), encoded in zip(chunk, mae.encode_motion(pixels), strict=True):
                 learned[row][fid] = encoded
         for row, reference in enumerate(references):
-            if reference is not None and learned[row]:
+            if isinstance(reference, UserReference) and learned[row]:
                 fids = sorted(learned[row])
                 relative = reference.relative(torch.stack([learned[row][fid] for fid in fids]))
                 learned[row].update(zip(fids, relative, strict=True))

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..canonical import UserReference
 from ..motion_autoencoder import PortraitCode
 from ..sampler import Conditions, NoiseFn
+from ..user_expression import UserMotionReader
 from .drift import PoseAnchor
 from .inputs import SessionInputs
 
@@ -66,7 +66,7 @@ class Session:
     context: torch.Tensor | None = None  # [1, context_frames, dim_w] clean latents re-fed next block
     motion_latents: OrderedDict = field(default_factory=OrderedDict)  # webcam frame id -> [dim_w] latent
     anchor: PoseAnchor | None = None  # drift control state, when enabled
-    user_reference: UserReference | None = None  # with canonical_code: the user's running resting code
+    user_reference: UserMotionReader = None  # with canonical_code: what the user's webcam crops go through
 
     @property
     def finished(self) -> bool:
