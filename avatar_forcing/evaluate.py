@@ -115,9 +115,10 @@ def run_eval_videos(args: argparse.Namespace) -> int:
 
     from avatar_forcing.errors import MediaError
     from avatar_forcing.model.media.audio import load_audio
+    from avatar_forcing.model.media.face_mesh import FaceMesh, LandmarksUnavailable
     from avatar_forcing.model.media.video import iter_video_frames
     from avatar_forcing.model.training.evaluate import LandmarkClip, evaluate_landmarks
-    from avatar_forcing.model.training.landmarks import FaceMesh, LandmarkExtractor, LandmarksUnavailable
+    from avatar_forcing.model.training.landmarks import LandmarkExtractor
 
     names = sorted(p.name.removesuffix(".truth.mp4") for p in args.videos.glob("*.truth.mp4"))
     if not names:

@@ -12,16 +12,10 @@ import numpy as np
 import pytest
 
 from avatar_forcing.model.media.face import crop_portrait
+from avatar_forcing.model.media.face_mesh import FaceMesh, normalised
 from avatar_forcing.model.media.image import load_image
 from avatar_forcing.model.training.conversations import EXPRESSION_FIELDS, FPS, envelope, make_conversation, render
-from avatar_forcing.model.training.landmarks import (
-    FaceMesh,
-    face_parameters,
-    head_motion_energy,
-    mouth_opening,
-    normalised,
-    smile,
-)
+from avatar_forcing.model.training.landmarks import face_parameters, head_motion_energy, mouth_opening, smile
 from avatar_forcing.model.training.metrics import lip_sync
 from avatar_forcing.model.training.rig import FaceRig
 

@@ -1,6 +1,6 @@
-"""Face landmarks and the measures built on them (model/training/landmarks.py), on the real sample media:
-the mesh finds the portrait's face, reads a rotation as roll, does not change with scale, and on a talking
-avatar's video (the official model's output) the mouth opens with the speech."""
+"""Face landmarks (model/media/face_mesh.py) and the measures built on them (model/training/landmarks.py), on
+the real sample media: the mesh finds the portrait's face, reads a rotation as roll, does not change with scale,
+and on a talking avatar's video (the official model's output) the mouth opens with the speech."""
 
 from __future__ import annotations
 
@@ -11,21 +11,12 @@ import numpy as np
 import pytest
 from golden_data import MEDIA_DIR
 
+from avatar_forcing.model.media import face_mesh
 from avatar_forcing.model.media.audio import load_audio
+from avatar_forcing.model.media.face_mesh import EYE_OUTER_LEFT, EYE_OUTER_RIGHT, FaceMesh, interocular, normalised
 from avatar_forcing.model.media.image import load_image
 from avatar_forcing.model.media.video import read_video_frames
-from avatar_forcing.model.training import landmarks
-from avatar_forcing.model.training.landmarks import (
-    EYE_OUTER_LEFT,
-    EYE_OUTER_RIGHT,
-    FaceMesh,
-    LandmarkExtractor,
-    face_parameters,
-    interocular,
-    mouth_opening,
-    normalised,
-    smile,
-)
+from avatar_forcing.model.training.landmarks import LandmarkExtractor, face_parameters, mouth_opening, smile
 from avatar_forcing.model.training.metrics import lip_sync, speech_envelope
 
 pytestmark = pytest.mark.skipif(not (MEDIA_DIR / "user.mp4").exists(), reason=f"needs the sample media in {MEDIA_DIR}")
@@ -113,5 +104,5 @@ def test_the_extractor_reads_pose_and_expression(user_video):
 
 def test_a_missing_mesh_model_says_what_to_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
-    with pytest.raises(landmarks.LandmarksUnavailable, match="make install"):
-        landmarks.mesh_model_path()
+    with pytest.raises(face_mesh.LandmarksUnavailable, match="make install"):
+        face_mesh.mesh_model_path()

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from golden_data import MEDIA_DIR
 
+from avatar_forcing.model.media.face_mesh import FaceMesh, normalised
 from avatar_forcing.model.media.image import load_image
-from avatar_forcing.model.training.landmarks import FaceMesh, face_parameters, mouth_opening, normalised, smile
+from avatar_forcing.model.training.landmarks import face_parameters, mouth_opening, smile
 from avatar_forcing.model.training.rig import LOWER_LIP, MOUTH_CORNERS, UPPER_LIP, Expression, FaceRig
 
 LIPS = LOWER_LIP + UPPER_LIP + MOUTH_CORNERS

@@ -21,10 +21,11 @@ import torch
 
 from ..avatar_forcing import AvatarForcing
 from ..engine import PrecomputedInputs
+from ..media.face_mesh import FaceMesh, normalised
 from ..offline import PreparedJob, audio_features, generate_blocks, motion_latents
 from .autoencoder import ssim
 from .conversations import EXPRESSION_FIELDS, FPS, Conversation, envelope, render
-from .landmarks import FaceMesh, face_parameters, head_motion_energy, mouth_opening, normalised, smile
+from .landmarks import face_parameters, head_motion_energy, mouth_opening, smile
 from .metrics import lip_sync
 from .rig import FaceRig
 

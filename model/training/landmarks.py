@@ -1,8 +1,8 @@
 """Face parameters measured on video frames, for evaluation: the 468-point face mesh, then head pose, mouth
 opening, smile and expression from it.
 
-The mesh and the geometry of its landmarks live in model/media/face_mesh.py (serving reads the user's webcam
-with them too); they are importable from here as well.
+The mesh itself and the geometry of its landmarks (scale, rigid pose) are in model/media/face_mesh.py: serving
+reads the user's webcam with them too.
 
 Measures, all scale-free (divided by the distance between the outer eye corners, the interocular distance):
 - mouth opening: inner upper lip to inner lower lip;
@@ -19,15 +19,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..media.face_mesh import (
-    EYE_OUTER_LEFT as EYE_OUTER_LEFT,
-)
-from ..media.face_mesh import (
-    EYE_OUTER_RIGHT as EYE_OUTER_RIGHT,
-)
-from ..media.face_mesh import (
-    FACE_PRESENT as FACE_PRESENT,
-)
-from ..media.face_mesh import (
     LOWER_LIP,
     MOUTH_LEFT,
     MOUTH_RIGHT,
@@ -36,18 +27,6 @@ from ..media.face_mesh import (
     interocular,
     normalised,
     rigid_fit,
-)
-from ..media.face_mesh import (
-    MESH_SIZE as MESH_SIZE,
-)
-from ..media.face_mesh import (
-    FaceMesh as FaceMesh,
-)
-from ..media.face_mesh import (
-    LandmarksUnavailable as LandmarksUnavailable,
-)
-from ..media.face_mesh import (
-    mesh_model_path as mesh_model_path,
 )
 
 # -- measures ---------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import numpy as np
 
 from avatar_forcing.errors import NoFaceError
 
-from .landmarks import EYE_OUTER_LEFT, EYE_OUTER_RIGHT, FaceMesh
+from ..media.face_mesh import EYE_OUTER_LEFT, EYE_OUTER_RIGHT, FaceMesh
 
 # Mesh indices (the canonical MediaPipe face-mesh topology).
 UPPER_LIPS_INNER = [78, 191, 80, 81, 82, 13, 312, 311, 310, 415, 308]  # corner to corner
