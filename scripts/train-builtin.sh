@@ -94,12 +94,13 @@ fi
 # 4c. The user-expression maps (the `user_expression` extension): the user's webcam is read by the face mesh and
 # turned into the latent the encoder gives a training look making the same expression, because this encoder,
 # which knows one face, barely reads a real person's (model/user_expression.py). Fitted on 100 rig renders of
-# each training look; the transformer's training data below still uses the encoder's latents of both sides.
+# each training look.
 "${CLI[@]}" train user-expression --weights "$RUN/autoencoder.safetensors" --config builtin --rig-looks 24 \
     --renders 100 --seed 0 --out "$RUN/autoencoder.safetensors"
 
 # 5. Training shards: motion latents of both sides and the (frozen, seeded) audio features. The conversations are
-# face crops already, so every frame is encoded whole (no detection).
+# face crops already, so every frame is encoded whole (no detection). The user's side is read as the server reads
+# a webcam, here by the face mesh and the maps of 4c, so the transformer learns from the latents it is served.
 stamp "prepare"
 "${CLI[@]}" data prepare --manifest "$RUN/convs/manifest.jsonl" --out "$RUN/shards" --config builtin \
     --weights "$RUN/autoencoder.safetensors" --device cpu --whole-frames --no-progress

@@ -10,6 +10,7 @@ maps were never set is refused with the command to run."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import numpy as np
@@ -25,10 +26,12 @@ from avatar_forcing.model.engine import EngineSettings, StreamingEngine
 from avatar_forcing.model.media.face import crop_portrait
 from avatar_forcing.model.media.face_mesh import normalised
 from avatar_forcing.model.media.image import load_image, to_model_input
-from avatar_forcing.model.media.video import iter_video_frames
+from avatar_forcing.model.media.video import Mp4Writer, iter_video_frames
 from avatar_forcing.model.offline import motion_latents
 from avatar_forcing.model.training import rig_pairs
 from avatar_forcing.model.training.conversations import augmented, packaged_portraits
+from avatar_forcing.model.training.data import load_shards
+from avatar_forcing.model.training.prepare import prepare_shards, read_manifest
 from avatar_forcing.model.training.rig import FaceRig
 from avatar_forcing.model.training.rig_pairs import expression_code, random_expression
 from avatar_forcing.model.user_expression import CODE_FIELDS, FEATURES, UserExpressionReader, landmark_features
@@ -172,6 +175,31 @@ def test_the_live_engine_reads_the_webcam_as_the_offline_path_does(model, real_p
     nearest = torch.cdist(seen.float(), offline.float()).min(1).values
     assert nearest.max() < 1e-3 * offline.norm(dim=1).mean(), nearest.max()
     assert torch.unique(seen, dim=0).shape[0] >= 20  # (fresh readings, not one held latent)
+
+
+@needs_media
+def test_training_data_reads_the_user_as_the_server_does(tmp_path, model, real_person):
+    """`data prepare` makes the user's side of a clip with the reader the server uses (so the transformer trains
+    on the latents it is served), the avatar's side with the encoder."""
+    _, frames = rendered(real_person, 59, seed=7)
+    size = model.config.motion.input_size
+    video = tmp_path / "user.mp4"
+    with Mp4Writer(str(video), fps=model.config.fps, width=size, height=size) as writer:
+        writer.write_frames(np.stack(frames))
+    manifest = tmp_path / "clips.jsonl"
+    manifest.write_text(json.dumps({"name": "c", "avatar_video": str(video), "user_video": str(video),
+                                    "avatar_audio": str(MEDIA_DIR / "avatar.wav"),
+                                    "user_audio": str(MEDIA_DIR / "avatar.wav")}))
+    prepare_shards(model, read_manifest(manifest), tmp_path / "shards", whole_frames=True)
+    (clip,) = load_shards(tmp_path / "shards")
+    decoded = list(iter_video_frames(video))[:len(clip.user_motion)]  # (what the codec left of them)
+    assert len(decoded) >= model.config.transformer.clip_frames
+    torch.testing.assert_close(clip.user_motion, motion_latents(model, decoded, len(decoded)).float(),
+                               atol=1e-5, rtol=1e-5)
+    with torch.inference_mode():
+        encoded = model.motion_autoencoder.encode_motion(to_model_input(np.stack(decoded)))
+    torch.testing.assert_close(clip.motion, encoded, atol=1e-5, rtol=1e-5)
+    assert (clip.user_motion - encoded).norm() > 0.5 * encoded.norm()  # (the two readings are far apart)
 
 
 @needs_media

@@ -11,7 +11,9 @@ The audio entries are optional: a video's own audio track is used when they are 
     offline crop, `media.face.fixed_crop_box`): a fixed crop keeps head motion in the motion latents
     instead of cancelling it, which a per-frame tracker would do;
   * motion latents of both sides from the frozen motion encoder, and the reference frame's code
-    (the avatar's first frame);
+    (the avatar's first frame); the user's side made as the server makes a webcam's (`offline.motion_latents`:
+    with `relative_user_motion` relative to the user's running reference, with `user_expression` read by the
+    face mesh), so the transformer trains on what it is served;
   * both audio tracks as the frozen wav2vec2's stacked layer outputs (what `load_shards` reads; why cached
     features and not raw audio: docs/training.md).
 The clip is cut to the shortest of the four streams.
@@ -35,6 +37,7 @@ from ..media.audio import load_audio
 from ..media.face import FaceDetector, default_detector, fixed_crop_box
 from ..media.image import resize_square, to_model_input
 from ..media.video import iter_video_frames, probe_video
+from ..offline import motion_latents
 from .data import Clip, ShardWriter
 
 MANIFEST_KEYS = {"name", "avatar_video", "user_video", "avatar_audio", "user_audio"}
@@ -179,7 +182,7 @@ def prepare_clip(model: AvatarForcing, clip: ManifestClip, detector: FaceDetecto
         raise ClipError(f"clip {clip.name}: {frames} frames ({frames / cfg.fps:.1f} s) is shorter than a training "
                         f"window of {need} frames")
     motion, r_s = _latents(model, _crops(clip, "avatar", size, frames, detector))
-    user_motion, _ = _latents(model, _crops(clip, "user", size, frames, detector))
+    user_motion = motion_latents(model, _crops(clip, "user", size, frames, detector), frames).float().cpu()
     frames = min(frames, len(motion), len(user_motion))  # the container's frame estimate may be high
     return Clip(clip.name, motion[:frames], r_s, stacked_audio(model, pcm["avatar"], frames),
                 stacked_audio(model, pcm["user"], frames), user_motion[:frames])
