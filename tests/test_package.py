@@ -19,9 +19,13 @@ def run_python(code: str, cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("name", FOLDERS)
 def test_folders_import_only_under_the_namespace(name, tmp_path):
-    # Outside the checkout, the bare name does not exist at all; the namespaced one does.
-    bare = run_python(f"import {name}", tmp_path)
-    assert bare.returncode != 0 and "No module named" in bare.stderr, bare.stderr
+    # Outside the checkout, the bare name is not ours (`kernels` is a PyPI package transformers requires); the
+    # namespaced one is.
+    bare = run_python(f"import {name}; print({name}.__file__)", tmp_path)
+    if bare.returncode == 0:
+        assert Path(bare.stdout.strip()).resolve().parent != REPO / name, bare.stdout
+    else:
+        assert "No module named" in bare.stderr, bare.stderr
     full = run_python(f"import avatar_forcing.{name}", tmp_path)
     assert full.returncode == 0, full.stderr
 
@@ -32,6 +36,15 @@ def test_bare_import_from_the_checkout_says_what_to_do(name):
     bare = run_python(f"import {name}", REPO)
     assert bare.returncode != 0
     assert f"import avatar_forcing.{name}, not {name}" in bare.stderr
+
+
+def test_run_from_the_checkout_transformers_finds_its_own_kernels_package():
+    # `python -m avatar_forcing.cli` from the checkout puts its root first on sys.path, where kernels/ would shadow
+    # the PyPI `kernels` that transformers (>= 5.25) imports while loading wav2vec2.
+    done = run_python("import importlib.util, avatar_forcing.model.audio_encoder; "
+                      "print(getattr(importlib.util.find_spec('kernels'), 'origin', ''))", REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert Path(done.stdout.strip()).resolve() != REPO / "kernels" / "__init__.py", done.stdout
 
 
 def imported_modules(path: Path) -> set[str]:
