@@ -34,6 +34,7 @@ from avatar_forcing.model.training.data import load_shards
 from avatar_forcing.model.training.prepare import prepare_shards, read_manifest
 from avatar_forcing.model.training.rig import FaceRig
 from avatar_forcing.model.training.rig_pairs import expression_code, random_expression
+from avatar_forcing.model.training.user_expression import r_squared
 from avatar_forcing.model.user_expression import CODE_FIELDS, FEATURES, UserExpressionReader, landmark_features
 from avatar_forcing.weights import builtin
 from avatar_forcing.weights.loading import load_model
@@ -117,10 +118,6 @@ def rendered(face: np.ndarray, count: int, seed: int):
     return expressions, [face] + [rig.render(e) for e in expressions]
 
 
-def r_squared(predicted: torch.Tensor, actual: torch.Tensor) -> float:
-    return float(1 - ((predicted - actual) ** 2).sum() / ((actual - actual.mean(0)) ** 2).sum())
-
-
 @needs_media
 @torch.no_grad()
 def test_the_builtin_model_reads_a_real_persons_expressions(model, real_person):
@@ -144,10 +141,10 @@ def test_the_builtin_model_reads_a_real_persons_expressions(model, real_person):
     grace = crop_portrait(load_image(packaged_portraits()["grace_hopper"]), model.config.motion.input_size)
     look = augmented(grace, 515151)  # a look the training never used
     target = mae.encode_motion(to_model_input(np.stack(rendered(look, 80, seed=3)[1])))
-    target = target[1:] - target[:1]
-    read = mae.user_expression.latents(torch.from_numpy(codes))  # (relative to the rest, as `target` is)
+    target = (target[1:] - target[:1]).numpy()
+    read = mae.user_expression.latents(torch.from_numpy(codes)).numpy()  # (relative to the rest, as `target` is)
     own = mae.encode_motion(to_model_input(np.stack(frames)))
-    own = own[1:] - own[:1]
+    own = (own[1:] - own[:1]).numpy()
     print(f"R2 against the training face's latents: reader {r_squared(read, target):.2f}, "
           f"encoder {r_squared(own, target):.2f}")
     assert r_squared(read, target) >= 0.4
