@@ -7,6 +7,7 @@ long session (SSIM of the face region at its last minute against its first).
     .venv/bin/python benchmarks/builtin_behaviour.py --smile-response   # smiles against a counterfactual
     .venv/bin/python benchmarks/builtin_behaviour.py --portrait some_face.jpg     # an uploaded portrait
     .venv/bin/python benchmarks/builtin_behaviour.py --user-portrait other.jpg    # a user of another face
+    .venv/bin/python benchmarks/builtin_behaviour.py --sample-media ../shared/media --seeds 0 1 2  # real speech
 
 Options --config / --weights measure another model the same way (default: the built-in one).
 """
@@ -23,7 +24,14 @@ import torch
 from avatar_forcing.model.config import config_from_name
 from avatar_forcing.model.media.face import crop_portrait
 from avatar_forcing.model.media.image import load_image
-from avatar_forcing.model.training.behaviour import SMILE_RISE, face_ssim, generate_for, measure, smile_response
+from avatar_forcing.model.training.behaviour import (
+    SMILE_RISE,
+    face_ssim,
+    generate_for,
+    measure,
+    recorded_conversation,
+    smile_response,
+)
 from avatar_forcing.model.training.conversations import augmented, make_conversation, packaged_portraits
 from avatar_forcing.weights.loading import load_model
 
@@ -43,9 +51,15 @@ def main() -> None:
     p.add_argument("--smile-response", action="store_true",
                    help="also generate each conversation without the user's smiles: how much wider the mouth is with")
     p.add_argument("--save-frames", type=Path, default=None, help="write the first conversation's frames (.npy)")
+    p.add_argument("--sample-media", type=Path, default=None,
+                   help="instead: the sample media's recorded exchange (rumi.jpg, avatar.wav, user.mp4), one "
+                        "generation per seed, against official_output.mp4 measured the same way")
     args = p.parse_args()
     torch.set_num_threads(2)
     model = load_model(config_from_name(args.config), args.weights)
+    if args.sample_media:
+        measure_sample_media(model, args.sample_media, args.seeds)
+        return
     size = model.config.motion.input_size
     grace = crop_portrait(load_image(packaged_portraits()["grace_hopper"]), size)
     uploaded = crop_portrait(load_image(args.portrait), size) if args.portrait else None
@@ -91,6 +105,35 @@ def main() -> None:
         last = np.mean([face_ssim(f, avatar) for f in frames[-minute::25]])
         print(f"{args.long_minutes:.0f}-minute session: face-region SSIM to the portrait, minute 1 {first:.3f}, "
               f"last minute {last:.3f} ({last / first:.0%} of minute 1)")
+
+
+def measure_sample_media(model, folder: Path, seeds: list[int]) -> None:
+    """Real speech and a real user: the sample media (test-only) through the offline generator's path, and the
+    official model's published output of the same inputs measured the same way (its lip sync is the baseline)."""
+    from avatar_forcing.model.media.audio import load_audio
+    from avatar_forcing.model.media.video import read_video_frames
+    from avatar_forcing.model.offline import OfflineJob, generate_blocks, portrait_crop, prepare
+
+    job = OfflineJob(folder / "rumi.jpg", folder / "avatar.wav", folder / "user.mp4")
+    rate = model.config.sampling_rate
+    prepared = prepare(model, job)
+    official = read_video_frames(folder / "official_output.mp4", model.config.fps)
+    frames = min(prepared.num_frames, len(official))
+    conversation = recorded_conversation(load_audio(job.avatar_audio, rate), load_audio(job.user_video, rate), frames)
+    print(f"the exchange: {frames} frames; the avatar speaks in {conversation.avatar.speaking.mean():.0%} of them, "
+          f"the user alone in {(conversation.user.speaking & ~conversation.avatar.speaking).mean():.0%}, neither in "
+          f"{(~conversation.user.speaking & ~conversation.avatar.speaking).mean():.0%}")
+    baseline = measure(conversation, portrait_crop(job.avatar_image, official.shape[1], True), official[:frames])
+    print(f"official model's published output: {baseline.line()}", flush=True)
+    ratios = []
+    for seed in seeds:
+        blocks = [b.frames for b in generate_blocks(model, prepared, seed=seed)]
+        generated = np.concatenate([b for b in blocks if b is not None])[:frames]
+        behaviour = measure(conversation, prepared.portrait, generated)
+        ratios.append(behaviour.lip_sync / baseline.lip_sync)
+        print(f"seed {seed}: {behaviour.line()}; lip sync {ratios[-1]:.2f}x the official output's", flush=True)
+    print(f"lip sync over {len(seeds)} seeds: {np.min(ratios):.2f}-{np.max(ratios):.2f}x the official output's "
+          f"{baseline.lip_sync:.2f}")
 
 
 if __name__ == "__main__":

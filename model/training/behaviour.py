@@ -1,6 +1,7 @@
 """Does a model talk and listen? Measured on its own frames with the face mesh, on a conversation made here
 (conversations.py): the avatar side's speech drives the model, the user side is rendered with the rig and fed
-as the user's video and audio, and the output is compared with what happened in the conversation.
+as the user's video and audio, and the output is compared with what happened in the conversation. A recorded
+exchange (real speech, a real user's video) is measured the same way (`recorded_conversation`), without smiles.
 
 - lip sync: mouth opening against the avatar's speech envelope, best correlation within +-5 frames, its lag;
 - listening: head-motion energy while only the user speaks over that in mutual silence;
@@ -24,7 +25,7 @@ from ..engine import PrecomputedInputs
 from ..media.face_mesh import FaceMesh, normalised
 from ..offline import PreparedJob, audio_features, generate_blocks, motion_latents
 from .autoencoder import ssim
-from .conversations import EXPRESSION_FIELDS, FPS, Conversation, envelope, render
+from .conversations import EXPRESSION_FIELDS, FPS, Conversation, Side, envelope, render, voice_activity
 from .landmarks import face_parameters, head_motion_energy, mouth_opening, smile
 from .metrics import lip_sync
 from .rig import FaceRig
@@ -44,6 +45,15 @@ def generate_for(model: AvatarForcing, conversation: Conversation, avatar_portra
                                avatar_pcm=conversation.avatar.pcm, samples_per_frame=cfg.audio.samples_per_frame)
     blocks = [b.frames for b in generate_blocks(model, PreparedJob(avatar_portrait, inputs), seed=seed)]
     return np.concatenate([b for b in blocks if b is not None])[:frames]
+
+
+def recorded_conversation(avatar_pcm: np.ndarray, user_pcm: np.ndarray, frames: int) -> Conversation:
+    """A recorded exchange (each side's speech, 16 kHz) as a conversation `measure` reads: each side speaks
+    where its voice is active, found as the rendered conversations find it. Nobody's expressions are known, so
+    it has no smile onsets."""
+    still = np.zeros((frames, len(EXPRESSION_FIELDS)))
+    return Conversation(*(Side(pcm, voice_activity(envelope(pcm, frames))[1], still)
+                          for pcm in (avatar_pcm, user_pcm)))
 
 
 def face_ssim(a: np.ndarray, b: np.ndarray) -> float:
