@@ -88,6 +88,22 @@ def test_the_official_avatar_lip_syncs_by_this_measure():
     assert r > 0.5 and abs(lag) <= 2, (r, lag)
 
 
+def test_frames_without_a_face_hold_the_nearest_earlier_face(user_video):
+    """Blank frames (no face for the mesh) at the start and in the middle: the start takes the first face's
+    landmarks, the middle the last face before it; a video with no face at all is all NaN, not an error."""
+    frames, _ = user_video
+    blank = np.zeros_like(frames[0])
+    video = [blank, blank, *frames[:6], blank, blank, *frames[6:8]]
+    points = FaceMesh().video(video)
+    assert points.shape == (12, 468, 3) and not np.isnan(points).any()
+    alone = FaceMesh()
+    first_face = alone(frames[0])
+    assert np.allclose(points[0], first_face) and np.allclose(points[1], first_face)
+    assert np.array_equal(points[8], points[7]) and np.array_equal(points[9], points[7])
+    assert not np.array_equal(points[10], points[7]), "the face is read again where it comes back"
+    assert np.isnan(FaceMesh().video([blank, blank])).all()
+
+
 def test_the_extractor_reads_pose_and_expression(user_video):
     frames, _ = user_video
     points = FaceMesh().video(frames[:150])

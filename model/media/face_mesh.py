@@ -107,14 +107,19 @@ class FaceMesh:
         """[T, 468, 3] for a whole video (an array or an iterator of frames); a frame without a face takes
         the nearest earlier face's landmarks (the first face's, before it). All NaN when no frame has a face."""
         self.reset()
-        found: list[np.ndarray | None] = [self(frame) for frame in frames]
-        out = np.full((len(found), 468, 3), np.nan)
-        last = next((p for p in found if p is not None), None)
-        for i, points in enumerate(found):
-            last = points if points is not None else last
-            if last is not None:
-                out[i] = last
-        return out
+        return hold_last_face([self(frame) for frame in frames])
+
+
+def hold_last_face(found: list[np.ndarray | None]) -> np.ndarray:
+    """Per-frame landmarks (None: no face) -> [T, 468, 3]: a frame without a face takes the nearest earlier
+    face's landmarks (the first face's, before it); all NaN when no frame has one."""
+    out = np.full((len(found), 468, 3), np.nan)
+    last = next((p for p in found if p is not None), None)
+    for i, points in enumerate(found):
+        last = points if points is not None else last
+        if last is not None:
+            out[i] = np.asarray(last)[:, :3]
+    return out
 
 
 # -- geometry ---------------------------------------------------------------------------------------------------

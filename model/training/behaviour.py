@@ -22,7 +22,7 @@ import torch
 
 from ..avatar_forcing import AvatarForcing
 from ..engine import PrecomputedInputs
-from ..media.face_mesh import FaceMesh, normalised
+from ..media.face_mesh import FaceMesh, hold_last_face, normalised
 from ..offline import PreparedJob, audio_features, generate_blocks, motion_latents
 from .autoencoder import ssim
 from .conversations import EXPRESSION_FIELDS, FPS, Conversation, Side, envelope, render, voice_activity
@@ -93,7 +93,7 @@ def measure(conversation: Conversation, portrait: np.ndarray, frames: np.ndarray
     found = np.array([p is not None for p in seen])
     if not found.any():
         raise ValueError("the face mesh found no face in any generated frame")
-    points = fill_gaps(seen)
+    points = hold_last_face(seen)
     r, lag = lip_sync(mouth_opening(points), envelope(conversation.avatar.pcm, conversation.frames))
     reference = normalised(points[0])
     pose = np.array([face_parameters(p[None], reference).pose[0] for p in points])
@@ -135,16 +135,7 @@ def smile_response(model: AvatarForcing, conversation: Conversation, avatar_port
     for generated in (frames, generate_for(model, with_user_smile(conversation, 0.0), avatar_portrait,
                                            user_portrait, seed)):
         mesh.reset()
-        widths.append(smile(fill_gaps([mesh(f) for f in generated])))
+        widths.append(smile(hold_last_face([mesh(f) for f in generated])))
     onsets = smile_onsets(conversation, len(widths[0]))
     return np.array([widths[0][o:o + FPS].mean() - widths[1][o:o + FPS].mean() for o in onsets])
 
-
-def fill_gaps(seen: list[np.ndarray | None]) -> np.ndarray:
-    """[T, 468, 3]: frames without a face take the nearest earlier face's landmarks (the first face's before it)."""
-    last = next(p for p in seen if p is not None)
-    out = []
-    for points in seen:
-        last = points if points is not None else last
-        out.append(np.asarray(last)[:, :3])
-    return np.stack(out)
