@@ -635,6 +635,8 @@ def test_builtin_model_talks_and_listens_through_the_page(builtin_media, tmp_pat
         wait_for("the built-in model's note", lambda: "built-in model" in notes.text, 5, context=server.logs)
         wait_for("the avatar video", lambda: driver.execute_script(VIDEO_JS)["time"] > 1, 20, context=server.logs)
         listening = driver.execute_async_script(FRESH_FRAMES_JS, 2.0)
+        # The page opens at its top (banner, portraits): bring the avatar and the user's camera into the picture.
+        driver.execute_script("document.getElementById('remote').scrollIntoView({block: 'center'});")
         screenshot(driver, "builtin_listening")
         driver.find_element(By.ID, "test-phrase").click()
         time.sleep(1.0)  # the phrase reaches the model and its first blocks come back
