@@ -28,6 +28,7 @@ from avatar_forcing.model.training.behaviour import (
     SMILE_RISE,
     face_ssim,
     generate_for,
+    generated_frames,
     measure,
     recorded_conversation,
     smile_response,
@@ -112,7 +113,7 @@ def measure_sample_media(model, folder: Path, seeds: list[int]) -> None:
     official model's published output of the same inputs measured the same way (its lip sync is the baseline)."""
     from avatar_forcing.model.media.audio import load_audio
     from avatar_forcing.model.media.video import read_video_frames
-    from avatar_forcing.model.offline import OfflineJob, generate_blocks, portrait_crop, prepare
+    from avatar_forcing.model.offline import OfflineJob, portrait_crop, prepare
 
     job = OfflineJob(folder / "rumi.jpg", folder / "avatar.wav", folder / "user.mp4")
     rate = model.config.sampling_rate
@@ -127,9 +128,7 @@ def measure_sample_media(model, folder: Path, seeds: list[int]) -> None:
     print(f"official model's published output: {baseline.line()}", flush=True)
     ratios = []
     for seed in seeds:
-        blocks = [b.frames for b in generate_blocks(model, prepared, seed=seed)]
-        generated = np.concatenate([b for b in blocks if b is not None])[:frames]
-        behaviour = measure(conversation, prepared.portrait, generated)
+        behaviour = measure(conversation, prepared.portrait, generated_frames(model, prepared, seed)[:frames])
         ratios.append(behaviour.lip_sync / baseline.lip_sync)
         print(f"seed {seed}: {behaviour.line()}; lip sync {ratios[-1]:.2f}x the official output's", flush=True)
     print(f"lip sync over {len(seeds)} seeds: {np.min(ratios):.2f}-{np.max(ratios):.2f}x the official output's "

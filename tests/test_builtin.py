@@ -171,20 +171,20 @@ def test_real_speech_to_a_real_user_through_the_offline_generator(model):
     the speech (the official model's published output of the same inputs scores r 0.60 at +1 frame by this
     measure, tests/test_landmarks.py) and the first frame is the portrait."""
     from avatar_forcing.model.media.audio import load_audio
-    from avatar_forcing.model.offline import OfflineJob, generate_blocks, prepare
-    from avatar_forcing.model.training.behaviour import recorded_conversation
+    from avatar_forcing.model.offline import OfflineJob, prepare
+    from avatar_forcing.model.training.behaviour import generated_frames, recorded_conversation
 
     if not all((MEDIA_DIR / name).exists() for name in ("rumi.jpg", "avatar.wav", "user.mp4")):
         pytest.skip(f"needs the sample media in {MEDIA_DIR}")
     job = OfflineJob(MEDIA_DIR / "rumi.jpg", MEDIA_DIR / "avatar.wav", MEDIA_DIR / "user.mp4", seed=0)
     prepared = prepare(model, job)
-    frames = np.concatenate([b.frames for b in generate_blocks(model, prepared, seed=job.seed)])
-    assert len(frames) >= prepared.num_frames
+    frames = generated_frames(model, prepared, job.seed)
+    assert frames.shape == (prepared.num_frames, *prepared.portrait.shape)
     rate = model.config.sampling_rate
     conversation = recorded_conversation(load_audio(job.avatar_audio, rate), load_audio(job.user_video, rate),
                                          prepared.num_frames)
     assert 0.1 < conversation.avatar.speaking.mean() < 0.9, "the voice activity finds the avatar's turns"
-    behaviour = measure(conversation, prepared.portrait, frames[:prepared.num_frames])
+    behaviour = measure(conversation, prepared.portrait, frames)
     print("built-in model, real speech to a real user:", behaviour.line())
     assert behaviour.faces_found > 0.95, behaviour.line()
     assert behaviour.lip_sync >= LIP_SYNC_MIN and abs(behaviour.lip_lag) <= 2, behaviour.line()

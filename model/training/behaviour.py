@@ -43,8 +43,13 @@ def generate_for(model: AvatarForcing, conversation: Conversation, avatar_portra
                                audio_features(model, conversation.user.pcm, frames),
                                motion_latents(model, user, frames),
                                avatar_pcm=conversation.avatar.pcm, samples_per_frame=cfg.audio.samples_per_frame)
-    blocks = [b.frames for b in generate_blocks(model, PreparedJob(avatar_portrait, inputs), seed=seed)]
-    return np.concatenate([b for b in blocks if b is not None])[:frames]
+    return generated_frames(model, PreparedJob(avatar_portrait, inputs), seed)
+
+
+def generated_frames(model: AvatarForcing, prepared: PreparedJob, seed: int) -> np.ndarray:
+    """The engine's frames [prepared.num_frames, S, S, 3] of a prepared clip (rendered or recorded)."""
+    blocks = [b.frames for b in generate_blocks(model, prepared, seed=seed)]
+    return np.concatenate([b for b in blocks if b is not None])[:prepared.num_frames]
 
 
 def recorded_conversation(avatar_pcm: np.ndarray, user_pcm: np.ndarray, frames: int) -> Conversation:
