@@ -13,6 +13,7 @@ from . import session as session_module
 from .avatars import Avatar
 from .config import ServerSettings
 from .errors import ApiError
+from .memory import release_free_memory
 from .metrics import ServerMetrics
 from .session import ServerSession
 from .speech import SpeechInputs
@@ -36,6 +37,7 @@ class SessionManager:
         self.draining = False
         self.ended: dict[str, tuple[float, dict]] = {}  # recently ended: when, final snapshot
         self._housekeeping: asyncio.Task | None = None
+        self._ended_since_trim = False
         self.prepare_offer: Callable[[str], str] = lambda sdp: sdp  # e.g. the preferred video codec first
 
     @property
@@ -113,6 +115,7 @@ class SessionManager:
         if self.sessions.pop(session.id, None) is not None and session.negotiated:
             self.metrics.sessions_ended.labels(reason).inc()
         self.ended[session.id] = (time.monotonic(), session.snapshot())
+        self._ended_since_trim = True
         self._update_gauges()
 
     async def close(self, session_id: str, reason: str) -> None:
@@ -148,6 +151,10 @@ class SessionManager:
                 elif s.state == "live" and now - s.last_input > self.settings.idle_timeout_s:
                     s.close("idle")
             self._check_overload()
+            if self._ended_since_trim:  # what ended sessions held is free by now: give it back
+                self._ended_since_trim = False
+                # a few ms, on the worker between steps: no thread of the media pool is woken (or started) for it
+                self.worker.submit(lambda engine: release_free_memory())
             if tick % 2 == 0:
                 await self._collect_stats()
             self._update_gauges()
