@@ -23,9 +23,9 @@ from pipecat.frames.frames import (  # noqa: E402
     UserStartedSpeakingFrame,
 )
 from pipecat.pipeline.pipeline import Pipeline  # noqa: E402
-from pipecat.pipeline.runner import PipelineRunner  # noqa: E402
-from pipecat.pipeline.task import PipelineTask  # noqa: E402
+from pipecat.pipeline.worker import PipelineWorker  # noqa: E402
 from pipecat.processors.frame_processor import FrameProcessor  # noqa: E402
+from pipecat.workers.runner import WorkerRunner  # noqa: E402
 
 from avatar_forcing.integrations.pipecat import AvatarForcingVideoService  # noqa: E402
 
@@ -78,8 +78,10 @@ def test_pipecat_service_speaks_in_sync_reports_playback_and_stops_on_barge_in(t
             for name in ("on_playback_started", "on_playback_finished", "on_interrupted"):
                 service.event_handler(name)(lambda _svc, event: events.append((time.monotonic(), event)))
             sink = Collector()
-            task = PipelineTask(Pipeline([service, sink]), enable_rtvi=False)
-            runner = asyncio.ensure_future(PipelineRunner(handle_sigint=False).run(task))
+            task = PipelineWorker(Pipeline([service, sink]), enable_rtvi=False)
+            runner = WorkerRunner(handle_sigint=False)
+            await runner.add_workers(task)
+            running = asyncio.ensure_future(runner.run())
             try:
                 await wait_for(lambda: len(sink.images) > 25, 90, "the avatar's first second of video")
                 # A reply: one TTS turn.
@@ -105,7 +107,7 @@ def test_pipecat_service_speaks_in_sync_reports_playback_and_stops_on_barge_in(t
                 audio_info = (len(sink.audio), max(peaks, default=0.0))
             finally:
                 await task.cancel()
-                await asyncio.wait_for(runner, 30)
+                await asyncio.wait_for(running, 30)
         return t_reply, heard, fps_window, fresh, events, t_barge, after, audio_info
 
     t_reply, heard, fps_window, fresh, events, t_barge, after, audio_info = asyncio.run(run())

@@ -32,7 +32,7 @@ from pipecat.frames.frames import (
     VADUserStoppedSpeakingFrame,
 )
 from pipecat.pipeline.pipeline import Pipeline
-from pipecat.pipeline.task import PipelineParams, PipelineTask
+from pipecat.pipeline.worker import PipelineParams, PipelineWorker
 from pipecat.processors.audio.vad_processor import VADProcessor
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.services.settings import TTSSettings
@@ -142,7 +142,8 @@ class CannedReplies(FrameProcessor):
 
 def agent_pipeline(connection: SmallWebRTCConnection, *, server_url: str, avatar_id: str,
                    video_size: tuple[int, int] = (512, 512), brain: Brain | None = None,
-                   vad_stop_s: float = 0.5, token: str | None = None) -> tuple[PipelineTask, AvatarForcingVideoService]:
+                   vad_stop_s: float = 0.5,
+                   token: str | None = None) -> tuple[PipelineWorker, AvatarForcingVideoService]:
     """The agent for one browser connection. `brain(avatar)` returns what turns the user's turns into text
     for the TTS (default: CannedReplies); a real agent returns speech recognition, the LLM and its context
     aggregators instead (docs/integrations.md)."""
@@ -158,7 +159,7 @@ def agent_pipeline(connection: SmallWebRTCConnection, *, server_url: str, avatar
     vad = VADProcessor(vad_analyzer=SileroVADAnalyzer(params=VADParams(stop_secs=vad_stop_s)))
     thinking = brain(avatar) if brain is not None else [CannedReplies(avatar)]
     pipeline = Pipeline([transport.input(), vad, *thinking, EspeakTTSService(), avatar, transport.output()])
-    task = PipelineTask(pipeline, params=PipelineParams(audio_in_sample_rate=16000,
+    task = PipelineWorker(pipeline, params=PipelineParams(audio_in_sample_rate=16000,
                                                         audio_out_sample_rate=AVATAR_AUDIO_RATE),
                         enable_rtvi=False)
 
@@ -219,7 +220,7 @@ document.getElementById("stop").onclick = stop;
 
 def create_app(*, server_url: str, avatar_id: str, video_size: tuple[int, int] = (512, 512),
                token: str | None = None, brain: Brain | None = None,
-               on_agent: Callable[[PipelineTask, AvatarForcingVideoService], None] | None = None):
+               on_agent: Callable[[PipelineWorker, AvatarForcingVideoService], None] | None = None):
     """The example's web app: GET / is the page; POST /api/offer takes the page's WebRTC offer, starts an
     agent (agent_pipeline) for that connection and answers. `on_agent(task, avatar)` is called for each
     agent started (the tests watch it)."""
@@ -227,18 +228,23 @@ def create_app(*, server_url: str, avatar_id: str, video_size: tuple[int, int] =
 
     from fastapi import FastAPI
     from fastapi.responses import HTMLResponse
-    from pipecat.pipeline.runner import PipelineRunner
     from pipecat.transports.smallwebrtc.request_handler import SmallWebRTCRequest, SmallWebRTCRequestHandler
+    from pipecat.workers.runner import WorkerRunner
 
     handler = SmallWebRTCRequestHandler()
-    running: dict[PipelineTask, asyncio.Task] = {}
+    running: dict[PipelineWorker, asyncio.Task] = {}
+
+    async def run_alone(task: PipelineWorker) -> None:
+        runner = WorkerRunner(handle_sigint=False)
+        await runner.add_workers(task)
+        await runner.run()  # ends when the agent's pipeline does
 
     async def start_agent(connection: SmallWebRTCConnection) -> None:
         task, avatar = agent_pipeline(connection, server_url=server_url, avatar_id=avatar_id,
                                       video_size=video_size, token=token, brain=brain)
         if on_agent is not None:
             on_agent(task, avatar)
-        runner = asyncio.create_task(PipelineRunner(handle_sigint=False).run(task))
+        runner = asyncio.create_task(run_alone(task))
         running[task] = runner
         runner.add_done_callback(lambda _: running.pop(task, None))
 
