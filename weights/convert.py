@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from avatar_forcing.errors import WeightsError
+from avatar_forcing.model.checkpoint_file import write_safetensors
 
 from .hub import local_file
 from .registry import CHECKPOINTS
@@ -96,19 +97,14 @@ def _unshared(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def save_safetensors(state_dict: dict[str, torch.Tensor], path: str | os.PathLike, *, source: str = "") -> Path:
-    """Write atomically (a temp file renamed into place), so an interrupted run leaves no half file."""
-    from safetensors.torch import save_file
-
+    """Write atomically, with reproducible bytes (model/checkpoint_file.py); errors say what to check."""
     path = Path(path).expanduser()
-    tmp = path.with_name(path.name + ".partial")
     metadata = {"format": "pt"}
     if source:
         metadata["converted_from"] = source
     try:
-        save_file(_unshared(state_dict), str(tmp), metadata=metadata)
-        os.replace(tmp, path)
+        write_safetensors(_unshared(state_dict), path, metadata)
     except Exception as exc:  # noqa: BLE001 - SafetensorError (I/O inside the Rust writer) or OSError
-        tmp.unlink(missing_ok=True)
         raise WeightsError(f"could not write {path}: {exc}; check the folder exists and has free space") from exc
     return path
 

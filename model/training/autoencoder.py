@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..avatar_forcing import AvatarForcing
+from ..checkpoint_file import write_safetensors
 from ..motion_autoencoder import MotionAutoencoder, ToFlow
 from ..stylegan_ops import EqualLinear, ModulatedConv2d
 from .flow_matching import window_generator
@@ -359,17 +360,13 @@ def autoencoder_state_dict(net: nn.Module) -> dict[str, torch.Tensor]:
 def export_autoencoder(model: AvatarForcing):
     """An export hook writing both the auto-encoder alone (the layout of the official motion_autoencoder
     file) and the whole model with the trained auto-encoder (loads with `--weights FILE`)."""
-    from safetensors.torch import save_file
-
     def export(ema: nn.Module, out: Path) -> None:
         trained = autoencoder_state_dict(ema)
         whole = {k: v.detach().clone() for k, v in model.state_dict().items()}
         whole.update(trained)
         meta = {"format": "pt", "producer": "avatar-forcing train autoencoder"}
         for name, tensors in ((AUTOENCODER_NAME, trained), (MODEL_NAME, whole)):
-            tmp = out / (name + ".tmp")
-            save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
-            tmp.replace(out / name)
+            write_safetensors({k: v.contiguous().cpu() for k, v in tensors.items()}, out / name, metadata=meta)
 
     return export
 

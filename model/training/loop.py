@@ -23,9 +23,10 @@ from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
+
+from ..checkpoint_file import write_safetensors
 
 log = logging.getLogger(__name__)
 STATE_NAME = "train_state.pt"
@@ -260,9 +261,7 @@ def export_safetensors(state_dict_of: Callable[[nn.Module], dict[str, torch.Tens
 
     def export(ema_module: nn.Module, out: Path) -> None:
         tensors = {k: v.contiguous().cpu() for k, v in state_dict_of(ema_module).items()}
-        tmp = out / (name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"format": "pt", "producer": "avatar-forcing train"})
-        tmp.replace(out / name)
+        write_safetensors(tensors, out / name, metadata={"format": "pt", "producer": "avatar-forcing train"})
 
     return export
 
