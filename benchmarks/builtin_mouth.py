@@ -24,7 +24,7 @@ from builtin_behaviour import HELD_OUT_VOICES
 from avatar_forcing.model.config import config_from_name
 from avatar_forcing.model.media.face import crop_portrait
 from avatar_forcing.model.media.face_mesh import FaceMesh, hold_last_face
-from avatar_forcing.model.media.image import load_image, to_model_input
+from avatar_forcing.model.media.image import load_image, to_model_input, to_uint8
 from avatar_forcing.model.training.behaviour import generate_for
 from avatar_forcing.model.training.conversations import augmented, make_conversation, packaged_portraits, render
 from avatar_forcing.model.training.landmarks import mouth_opening
@@ -52,9 +52,6 @@ def main() -> None:
         mesh.reset()
         return mouth_opening(hold_last_face([mesh(f) for f in frames]))
 
-    def pictures(decoded: torch.Tensor) -> np.ndarray:
-        return ((decoded.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-
     for seed in args.seeds:
         avatar = augmented(grace, 400_000 + seed)
         user = augmented(grace, 500_000 + seed)
@@ -75,9 +72,9 @@ def main() -> None:
             portrait = mae.animation_code(to_model_input(avatar[None]))
             direction = mae.dec.direction
             stages = {"rig": rig,
-                      "round trip": pictures(mae.decode_frames(portrait, direction(magnitudes))),
-                      "jaw from the rig": pictures(mae.decode_frames(portrait, direction(from_rig))),
-                      "jaw doubled": pictures(mae.decode_frames(portrait, direction(doubled)))}
+                      "round trip": to_uint8(mae.decode_frames(portrait, direction(magnitudes))),
+                      "jaw from the rig": to_uint8(mae.decode_frames(portrait, direction(from_rig))),
+                      "jaw doubled": to_uint8(mae.decode_frames(portrait, direction(doubled)))}
         stages["generated"] = generate_for(model, conversation, avatar, user)
         speaking = conversation.avatar.speaking
         print(f"seed {seed}: the encoder's jaw magnitude = {slope:.2f} x the rig's jaw + {offset:.2f} "
